@@ -1,0 +1,21 @@
+"""minilm: readable NumPy implementations of modern LLM architectures, checked against
+Hugging Face transformers, with Numba and CuPy kernels behind one seam (`minilm.ops`).
+
+    import minilm
+    model = minilm.from_pretrained("path/to/checkpoint")        # HF folder or .gguf
+    minilm.generate("The capital of France is")                # the shipped Gemma 3 270M
+"""
+
+from . import ops
+from .auto import from_pretrained
+from .backbone import Backbone
+from .cache import KVCache
+from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, InputError, MinilmError,
+                     UnknownArchitectureError)
+from .modeling import ModelOutput
+from .models.qwen3_moe import (Qwen3MoeBackbone, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                               Qwen3MoeForQuestionAnswering, Qwen3MoeForSequenceClassification,
+                               Qwen3MoeForTokenClassification, Qwen3MoeModel)
+from .ops import get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"

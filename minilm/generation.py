@@ -1,0 +1,149 @@
+"""Autoregressive generation: run the prompt once, then one token at a time against the KV cache.
+
+    logits of the last position -> processors (repetition penalty, temperature, top-k, top-p,
+    min-p) -> greedy argmax or a sample -> append -> repeat until max_new_tokens or EOS.
+
+Batches are left-padded: every row's last prompt token sits in the last column, so one new
+column is appended per step. Positions come from the attention mask (cumsum - 1), so padding
+shifts nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import nn
+from .errors import InputError
+
+# ---------------------------------------------------------------------------------------------
+# Logits processors: (batch, vocab_size) float32 -> (batch, vocab_size)
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits, generated_ids, penalty):
+    """CTRL's penalty: logits of tokens already present are divided by `penalty` if positive,
+    multiplied by it if negative. generated_ids: (batch, seq) prompt + new ids."""
+    logits = logits.copy()
+    for row, ids in enumerate(generated_ids):
+        seen = np.unique(ids)
+        scores = logits[row, seen]
+        logits[row, seen] = np.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def apply_top_k(logits, k):
+    """Keep the k largest logits per row; the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]  # (batch, 1)
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def apply_top_p(logits, p):
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1, kind="stable")  # (batch, vocab_size), most likely first
+    sorted_probs = np.take_along_axis(nn.softmax(logits, axis=-1), order, axis=-1)
+    cumulative = np.cumsum(sorted_probs, axis=-1)
+    drop_sorted = cumulative - sorted_probs >= p  # tokens past the nucleus (the first is always kept)
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits)
+
+
+def apply_min_p(logits, min_p):
+    """Keep tokens whose probability is at least min_p times the most likely token's."""
+    if min_p <= 0:
+        return logits
+    probs = nn.softmax(logits, axis=-1)
+    return np.where(probs < min_p * probs.max(axis=-1, keepdims=True), -np.inf, logits)
+
+
+def next_tokens(logits, generated_ids, *, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, rng):
+    """Choose one token per row. logits: (batch, vocab_size) -> (batch,) int64"""
+    logits = logits.astype(np.float32)
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, generated_ids, repetition_penalty)
+    if not do_sample:
+        return np.argmax(logits, axis=-1)  # greedy; ties go to the first maximum
+    logits = logits / np.float32(temperature)
+    if top_k:
+        logits = apply_top_k(logits, top_k)
+    if top_p is not None:
+        logits = apply_top_p(logits, top_p)
+    if min_p is not None:
+        logits = apply_min_p(logits, min_p)
+    probs = nn.softmax(logits.astype(np.float64), axis=-1)  # float64 so rows sum to 1 for the sampler
+    return np.array([rng.choice(probs.shape[-1], p=row / row.sum()) for row in probs], dtype=np.int64)
+
+
+def check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature is None or temperature <= 0:
+        raise InputError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature!r}")
+    if top_k is not None and top_k < 0:
+        raise InputError(f"top_k must be >= 0, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise InputError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
+             top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_token_id=None,
+             pad_token_id=None, seed=None, on_token=None):
+    """Generate up to `max_new_tokens` tokens after a (left-padded) batch of prompts.
+
+    input_ids: (batch, seq); attention_mask: (batch, seq) with 0 on the left padding.
+    Returns (batch, seq + new) int64: prompt + new ids, transformers' convention. A row that
+    emits an EOS token keeps emitting pad_token_id until every row is done.
+    on_token(step, tokens): called with each new column (batch,), for streaming.
+    """
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2:
+        raise InputError(f"input_ids must have shape (batch, seq); got {input_ids.shape}")
+    check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    cfg = model.config
+    if attention_mask is None:
+        attention_mask = np.ones_like(input_ids)
+    attention_mask = np.asarray(attention_mask).astype(np.int64)
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask shape {attention_mask.shape} does not match input_ids shape {input_ids.shape}")
+    if (attention_mask[:, -1] == 0).any():
+        raise InputError("generation needs LEFT padding: the last column of attention_mask must be all ones")
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    eos = set(np.atleast_1d(eos).tolist()) if eos is not None else set()
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (min(eos) if eos else 0))
+    rng = np.random.default_rng(seed)
+
+    sequences = input_ids.astype(np.int64)
+    done = np.zeros(len(sequences), dtype=bool)
+    cache, step_ids = None, sequences
+    for step in range(max_new_tokens):
+        positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1]:]  # (batch, step_len)
+        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        tokens = next_tokens(out.logits[:, -1], sequences, do_sample=do_sample, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, rng=rng)
+        tokens = np.where(done, pad, tokens)  # (batch,)
+        sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
+        attention_mask = np.concatenate([attention_mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        if on_token is not None:
+            on_token(step, tokens)
+        done |= np.isin(tokens, list(eos))
+        if done.all():
+            break
+        step_ids = tokens[:, None]  # (batch, 1): only the new token goes through the model next step
+    return sequences

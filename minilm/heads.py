@@ -1,0 +1,223 @@
+"""Task heads shared by every family, and their losses (transformers' Generic* heads).
+
+A head is a small layer on top of a family's base model (`base_model_class`), which it holds
+under `base_model_prefix` (`model.` or `transformer.` in checkpoint names):
+
+    causal LM                 logits = hidden @ lm_head^T                     (batch, seq, vocab_size)
+    sequence classification   logits = hidden[last non-pad token] @ score^T   (batch, num_labels)
+    token classification      logits = hidden @ score^T + b                   (batch, seq, num_labels)
+    question answering        start, end = split(hidden @ qa_outputs^T + b)   (batch, seq) each
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import nn, ops
+from .errors import InputError
+from .modeling import ModelOutput, PreTrainedModel, with_prefix
+
+# ---------------------------------------------------------------------------------------------
+# Losses (float32, mean over the items that count, as torch's cross_entropy)
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, labels, ignore_index=-100):
+    """Mean of -log softmax(logits)[label] over labels != ignore_index.
+
+    logits: (n, num_classes), labels: (n,)"""
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels).astype(np.int64)
+    keep = labels != ignore_index
+    if not keep.any():
+        return np.float32(np.nan)
+    if ((labels[keep] < 0) | (labels[keep] >= logits.shape[-1])).any():
+        raise InputError(f"labels must lie in [0, {logits.shape[-1]}) or equal {ignore_index}; got {labels[keep].min()}..{labels[keep].max()}")
+    log_probs = nn.log_softmax(logits[keep], axis=-1)  # (n_kept, num_classes)
+    return np.float32(-np.mean(log_probs[np.arange(keep.sum()), labels[keep]]))
+
+
+def causal_lm_loss(logits, labels):
+    """Next-token prediction: position t predicts labels[t + 1]; -100 marks ignored labels."""
+    labels = np.asarray(labels)
+    shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), -100)], axis=1)  # (batch, seq)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+
+
+def sequence_classification_loss(pooled_logits, labels, config):
+    """Regression (MSE), single-label (cross entropy) or multi-label (BCE with logits),
+    by `config.problem_type`, inferred from num_labels and the labels' dtype when unset."""
+    labels = np.asarray(labels)
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif np.issubdtype(labels.dtype, np.integer):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    logits = pooled_logits.astype(np.float32)
+    if problem == "regression":
+        if config.num_labels == 1:
+            return np.float32(np.mean((logits.squeeze() - labels.astype(np.float32).squeeze()) ** 2))
+        return np.float32(np.mean((logits - labels.astype(np.float32)) ** 2))
+    if problem == "single_label_classification":
+        return cross_entropy(logits.reshape(-1, config.num_labels), labels.reshape(-1))
+    # multi-label: mean over all (example, label) pairs of binary cross entropy with logits
+    y = labels.astype(np.float32)
+    return np.float32(np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))))
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions):
+    """Mean of the start and end cross entropies; positions outside the sequence are ignored."""
+    seq = start_logits.shape[1]
+    start = np.clip(np.asarray(start_positions).reshape(-1), 0, seq)
+    end = np.clip(np.asarray(end_positions).reshape(-1), 0, seq)
+    return np.float32((cross_entropy(start_logits, start, ignore_index=seq) + cross_entropy(end_logits, end, ignore_index=seq)) / 2)
+
+
+def last_non_pad_token(input_ids, pad_token_id):
+    """Index of the last token that is not padding, per row (transformers' rule: the rightmost
+    position whose id differs from pad_token_id). input_ids: (batch, seq) -> (batch,)"""
+    non_pad = (input_ids != pad_token_id).astype(np.int64)  # (batch, seq)
+    return np.argmax(np.arange(input_ids.shape[1]) * non_pad, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic heads
+# ---------------------------------------------------------------------------------------------
+
+
+class HeadModel(PreTrainedModel):
+    """A head on top of `base_model_class`, whose weights live under `base_model_prefix`."""
+
+    base_model_class = None
+    has_head = True
+
+    def head_shapes(self):
+        raise NotImplementedError
+
+    def parameter_shapes(self):
+        base = self.base_model_class.backbone_shapes(self.config)
+        return {**with_prefix(self.base_model_prefix, base), **self.head_shapes()}
+
+    def backbone_roots(self):
+        return {name.split(".")[0] for name in self.base_model_class.backbone_shapes(self.config)}
+
+    @classmethod
+    def convert_checkpoint(cls, tensors, config):
+        return cls.base_model_class.convert_checkpoint(tensors, config)
+
+    @classmethod
+    def to_checkpoint(cls, tensors, config):
+        return cls.base_model_class.to_checkpoint(tensors, config)
+
+    def base_model(self, **inputs):
+        """Run the base model on this head's backbone weights."""
+        return self.base_model_class.backbone_forward(self.params[self.base_model_prefix], self.config, **inputs)
+
+
+class ForCausalLM(HeadModel):
+    """Next-token logits: the final hidden states times the LM head (tied to the embeddings
+    when `tie_word_embeddings`)."""
+
+    def head_shapes(self):
+        return {"lm_head.weight": (self.config.vocab_size, self.config.hidden_size)}
+
+    def tied_weights(self):
+        if self.config.tie_word_embeddings:
+            return {"lm_head.weight": f"{self.base_model_prefix}.{self.base_model_class.embedding_name}"}
+        return {}
+
+    def compute_logits(self, hidden):
+        """(batch, seq, hidden_size) -> (batch, seq, vocab_size)"""
+        return ops.linear(hidden, self.params.lm_head.weight)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False, logits_to_keep=0, **extra):
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]  # only the last positions (generation needs one)
+        logits = self.compute_logits(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions,
+                           router_logits=out.router_logits)
+
+    def generate(self, input_ids, attention_mask=None, **options):
+        """Prompt + new token ids, transformers' convention. See `minilm.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **options)
+
+
+class ForSequenceClassification(HeadModel):
+    """One label (or score) per sequence, read at the last non-padding token."""
+
+    def head_shapes(self):
+        return {"score.weight": (self.config.num_labels, self.config.hidden_size)}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False, **extra):
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+        logits = ops.linear(out.last_hidden_state, self.params.score.weight)  # (batch, seq, num_labels)
+        batch = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise InputError("sequence classification of a batch > 1 needs config.pad_token_id to find each row's last token")
+        if pad is None or input_ids is None:
+            last = np.full(batch, logits.shape[1] - 1)
+        else:
+            last = last_non_pad_token(np.asarray(input_ids), pad)  # (batch,)
+        pooled = logits[np.arange(batch), last]  # (batch, num_labels)
+        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        return ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class ForTokenClassification(HeadModel):
+    """One label per token (dropout is the identity at inference)."""
+
+    def head_shapes(self):
+        n, h = self.config.num_labels, self.config.hidden_size
+        return {"score.weight": (n, h), "score.bias": (n,)}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False, **extra):
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+        logits = ops.linear(out.last_hidden_state, self.params.score.weight, self.params.score.bias)
+        loss = None
+        if labels is not None:
+            loss = cross_entropy(logits.reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1))
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class ForQuestionAnswering(HeadModel):
+    """Extractive QA: a start and an end score per token."""
+
+    def head_shapes(self):
+        return {"qa_outputs.weight": (2, self.config.hidden_size), "qa_outputs.bias": (2,)}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=False,
+                output_hidden_states=False, **extra):
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+        logits = ops.linear(out.last_hidden_state, self.params.qa_outputs.weight, self.params.qa_outputs.bias)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]  # (batch, seq) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        return ModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                           hidden_states=out.hidden_states, attentions=out.attentions)

@@ -1,0 +1,359 @@
+"""What every model shares: weights as a tree, loading and saving checkpoints, input checks,
+and the output object with transformers' field names.
+
+A model is its config plus a tree of NumPy arrays whose dotted paths are the checkpoint's
+tensor names (`params.model.layers[0].self_attn.q_proj.weight` is the tensor
+`model.layers.0.self_attn.q_proj.weight`). The forward pass is a plain function of that tree;
+the classes here only hold it and check what comes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import read_checkpoint, write_checkpoint
+from .config import read_config_json
+from .errors import CheckpointError, ConfigError, InputError
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """The fields transformers' output classes use; the ones a model does not produce are None.
+    Readable as attributes (`out.logits`) or keys (`out["logits"]`)."""
+
+    loss: object = None
+    aux_loss: object = None
+    logits: object = None
+    start_logits: object = None
+    end_logits: object = None
+    last_hidden_state: object = None
+    past_key_values: object = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: tuple | None = None
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights as a tree
+# ---------------------------------------------------------------------------------------------
+
+
+class Params(dict):
+    """A dict with attribute access: `p.self_attn.q_proj.weight`. Numbered children are lists."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def nest(flat):
+    """{"layers.0.mlp.weight": a} -> Params(layers=[Params(mlp=Params(weight=a))])"""
+    root = Params()
+    for name, value in flat.items():
+        node = root
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, Params())
+        node[leaf] = value
+    return _lists_for_numbers(root)
+
+
+def _lists_for_numbers(node):
+    if not isinstance(node, Params):
+        return node
+    children = {k: _lists_for_numbers(v) for k, v in node.items()}
+    if children and all(k.isdigit() for k in children):
+        return [children[str(i)] for i in range(len(children))]
+    return Params(children)
+
+
+def flatten(tree, prefix=""):
+    """The inverse of `nest`: {"layers.0.mlp.weight": a, ...}"""
+    items = enumerate(tree) if isinstance(tree, list) else tree.items()
+    flat = {}
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (Params, list)):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def with_prefix(prefix, shapes):
+    return {f"{prefix}.{k}": v for k, v in shapes.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model base class
+# ---------------------------------------------------------------------------------------------
+
+
+class PreTrainedModel:
+    """Holds `config` and `params`; loads, checks and saves checkpoints.
+
+    A family's classes say which tensors they need (`parameter_shapes`), how a checkpoint's
+    layout maps onto them (`convert_checkpoint`, `to_checkpoint`), and how they compute
+    (`forward`).
+    """
+
+    config_class = None
+    base_model_prefix = "model"
+    # Tensor names that transformers writes but that hold no weights (buffers) are skipped.
+    ignored_checkpoint_keys = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+
+    def __init__(self, config, *, params=None, dtype="float32", seed=0):
+        if isinstance(config, dict):
+            config = self.config_class.from_dict(config)
+        if self.config_class is not None and not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.dtype = _as_dtype(dtype)
+        if params is None:
+            params = self.init_params(seed)
+        self.load_state_dict(params)
+
+    # -- what the family provides ---------------------------------------------------------
+
+    def parameter_shapes(self):
+        """{tensor name: shape} of every weight this model needs, in checkpoint naming."""
+        raise NotImplementedError
+
+    def tied_weights(self):
+        """{name: name it shares storage with}; e.g. a tied LM head."""
+        return {}
+
+    @classmethod
+    def convert_checkpoint(cls, tensors, config):
+        """Turn a checkpoint's layout into the model's (stack experts, split fused tensors)."""
+        return tensors
+
+    @classmethod
+    def to_checkpoint(cls, tensors, config):
+        """The inverse of convert_checkpoint: the layout written by save_pretrained."""
+        return tensors
+
+    def backbone_roots(self):
+        """First name components of the backbone's tensors (used to fix prefixes on load)."""
+        return set()
+
+    # -- weights --------------------------------------------------------------------------
+
+    def init_params(self, seed=0):
+        """Random weights like transformers' init: normal(0, initializer_range) matrices,
+        ones for norm weights, zeros for biases."""
+        rng = np.random.default_rng(seed)
+        std = getattr(self.config, "initializer_range", 0.02)
+        params = {}
+        for name, shape in self.parameter_shapes().items():
+            if name in self.tied_weights():
+                continue
+            if name.endswith("bias"):
+                params[name] = np.zeros(shape, np.float32)
+            elif len(shape) == 1:
+                params[name] = np.full(shape, self.norm_init_value(), np.float32)
+            else:
+                params[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
+        return params
+
+    def norm_init_value(self):
+        return 1.0
+
+    def state_dict(self):
+        """Flat {tensor name: array} in the model's own layout (tied tensors included)."""
+        return flatten(self.params)
+
+    def load_state_dict(self, tensors):
+        """Check names and shapes against the config, convert dtype, and install the weights.
+
+        Every problem names the tensor: missing, unexpected, mis-shaped, non-finite."""
+        tensors = self._align_prefix({k: v for k, v in tensors.items() if not k.endswith(self.ignored_checkpoint_keys)})
+        tensors = self.convert_checkpoint(tensors, self.config)
+        expected = self.parameter_shapes()
+        tied = self.tied_weights()  # e.g. {"lm_head.weight": "model.embed_tokens.weight"}
+        missing = [k for k in expected if k not in tensors and k not in tied]
+        unexpected = [k for k in tensors if k not in expected]
+        hint = f" (does config.json match the checkpoint? {type(self).__name__} expects {len(expected)} tensors)"
+        if missing:
+            raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {_first(missing)}{hint}")
+        if unexpected:
+            raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_first(unexpected)}{hint}")
+        converted = {}
+        for name, shape in expected.items():
+            if name in tied:
+                continue
+            array = tensors[name]
+            if tuple(array.shape) != tuple(shape):
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(array.shape)} but the config gives {tuple(shape)}{hint}"
+                )
+            kind = np.asarray(array).dtype.kind
+            if kind not in "fV":  # V: bfloat16 from ml_dtypes
+                raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, expected a floating-point type")
+            array = np.asarray(array).astype(self.dtype)  # a copy: never keep a read-only memory map
+            if not np.isfinite(array.astype(np.float32, copy=False)).all():
+                raise CheckpointError(f"tensor {name!r} holds NaN or infinite values (corrupt checkpoint?)")
+            converted[name] = array
+        for name, source in tied.items():
+            converted[name] = converted[source]  # one array, two names
+        self.params = nest(converted)
+
+    def _align_prefix(self, tensors):
+        """Accept a backbone saved on its own, or under another head's prefix (`model.` /
+        `transformer.`), as transformers does."""
+        roots = self.backbone_roots()
+        ours = self.base_model_prefix if self.has_head else ""
+        aligned = {}
+        for name, value in tensors.items():
+            first, _, rest = name.partition(".")
+            if first in ("model", "transformer") and rest.split(".")[0] in roots:
+                name = rest
+            elif first not in roots:
+                aligned[name] = value  # a head tensor, e.g. lm_head.weight
+                continue
+            aligned[f"{ours}.{name}" if ours else name] = value
+        return aligned
+
+    has_head = False
+
+    def num_parameters(self):
+        seen, total = set(), 0
+        for a in self.state_dict().values():
+            if id(a) not in seen:
+                seen.add(id(a))
+                total += a.size
+        return total
+
+    # -- files ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype="float32"):
+        """Load a Hugging Face checkpoint folder (config.json + model.safetensors or shards)."""
+        path = Path(path)
+        config = cls.config_class.from_dict(read_config_json(path))
+        return cls(config, params=read_checkpoint(path), dtype=dtype)
+
+    def save_pretrained(self, folder, *, max_shard_bytes=None):
+        """Write config.json + safetensors in the layout transformers (and the Hub) use."""
+        folder = Path(folder)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(folder)
+        tensors = {k: v for k, v in self.state_dict().items() if k not in self.tied_weights()}
+        write_checkpoint(folder, self.to_checkpoint(tensors, self.config), max_shard_bytes=max_shard_bytes)
+
+    # -- calling --------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.num_parameters():,} parameters, dtype={self.dtype.name})"
+
+
+def _first(names, n=5):
+    shown = ", ".join(repr(k) for k in names[:n])
+    return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _as_dtype(dtype):
+    import ml_dtypes
+
+    if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    if dtype not in (np.float32, np.float16, np.float64, np.dtype(ml_dtypes.bfloat16)):
+        raise ConfigError(f"dtype {dtype} is not a floating-point type minilm computes in")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: clear errors instead of a stack trace from deep inside NumPy
+# ---------------------------------------------------------------------------------------------
+
+
+def check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
+    """Validate and normalise the inputs of a forward pass.
+
+    Returns (input_ids or None, inputs_embeds or None, attention_mask or None, batch, seq)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise InputError(f"input_ids must have shape (batch, seq); got shape {input_ids.shape}")
+        if input_ids.size and not np.issubdtype(input_ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integers; got dtype {input_ids.dtype}")
+        input_ids = input_ids.astype(np.int64, copy=False)
+        vocab = config.vocab_size
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        if bad.any():
+            b, s = np.argwhere(bad)[0]
+            raise InputError(
+                f"token id {int(input_ids[b, s])} at position (batch {b}, seq {s}) is out of range "
+                f"for vocab_size={vocab}"
+            )
+        batch, seq = input_ids.shape
+    else:
+        inputs_embeds = np.asarray(inputs_embeds)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise InputError(
+                f"inputs_embeds must have shape (batch, seq, hidden_size={config.hidden_size}); got {inputs_embeds.shape}"
+            )
+        batch, seq = inputs_embeds.shape[:2]
+    if seq == 0:
+        raise InputError("the input sequence is empty (seq = 0)")
+    if attention_mask is not None:
+        attention_mask = np.asarray(attention_mask)
+        if attention_mask.shape != (batch, past_length + seq):
+            raise InputError(
+                f"attention_mask has shape {attention_mask.shape} but the input needs (batch, past + seq) = "
+                f"({batch}, {past_length + seq})"
+            )
+        if not np.isin(attention_mask, (0, 1)).all():
+            raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if position_ids is not None:
+        position_ids = np.asarray(position_ids)
+        if position_ids.ndim != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
+            raise InputError(f"position_ids must have shape (batch or 1, seq) = ({batch}, {seq}); got {position_ids.shape}")
+    return input_ids, inputs_embeds, attention_mask, batch, seq
+
+
+class BaseModel(PreTrainedModel):
+    """A family's bare transformer (no head): its forward returns the final hidden states.
+
+    Families define `backbone_shapes(config)` and `backbone_forward(params, config, ...)` as
+    class-level functions so that every head can run the same backbone on its own weights."""
+
+    embedding_name = "embed_tokens.weight"
+
+    def parameter_shapes(self):
+        return self.backbone_shapes(self.config)
+
+    def backbone_roots(self):
+        return {name.split(".")[0] for name in self.backbone_shapes(self.config)}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False, **extra):
+        return self.backbone_forward(self.params, self.config, input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, past_key_values=past_key_values,
+                                     inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                     output_attentions=output_attentions,
+                                     output_hidden_states=output_hidden_states, **extra)

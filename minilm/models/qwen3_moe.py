@@ -1,0 +1,403 @@
+"""Qwen3-MoE: a decoder-only transformer whose feed-forward layers are mixtures of experts.
+
+Read top to bottom: config -> attention (GQA, QK-norm, RoPE) -> sparse MoE block (router,
+top-k experts) -> decoder layer -> model -> heads -> load-balancing loss.
+
+Axes: batch, seq, hidden_size, num_heads (num_attention_heads), num_kv_heads
+(num_key_value_heads), head_dim, num_experts, top_k (num_experts_per_tok), tokens = batch * seq.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import nn, ops
+from ..backbone import Backbone
+from ..cache import KVCache
+from ..config import PretrainedConfig, check_positive
+from ..errors import CheckpointError, ConfigError
+from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
+from ..modeling import BaseModel, ModelOutput, check_model_inputs
+from ..rope import apply_rope, compute_inv_freq, rope_cos_sin
+
+# ---------------------------------------------------------------------------------------------
+# Config (transformers' Qwen3MoeConfig names and defaults)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Qwen3MoeConfig(PretrainedConfig):
+    model_type = "qwen3_moe"
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144  # dense MLP layers (mlp_only_layers / off the sparse step)
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    use_sliding_window: bool = False
+    sliding_window: int | None = 4096
+    max_window_layers: int | None = None
+    attention_dropout: float = 0.0
+    decoder_sparse_step: int = 1
+    moe_intermediate_size: int = 768
+    num_experts_per_tok: int = 8
+    num_experts: int = 128
+    norm_topk_prob: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    mlp_only_layers: list | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads if self.num_attention_heads else 0
+        self.mlp_only_layers = list(self.mlp_only_layers or [])
+        super().__post_init__()
+
+    def validate(self):
+        super().validate()
+        check_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "num_experts_per_tok", "decoder_sparse_step")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"mlp_only_layers {bad} are not layer indices of a {self.num_hidden_layers}-layer model")
+
+    @property
+    def window(self):
+        """The sliding window every layer uses, or None (transformers 5: all layers when enabled)."""
+        return self.sliding_window if self.use_sliding_window else None
+
+    def is_sparse_layer(self, layer_idx):
+        """MoE block or dense MLP? Sparse unless listed in mlp_only_layers or off the sparse step."""
+        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: GQA with QK-norm before RoPE
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
+    """x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), attention weights or None"""
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
+    k = nn.split_heads(ops.linear(x, p.k_proj.weight, p.k_proj.get("bias")), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    v = nn.split_heads(ops.linear(x, p.v_proj.weight, p.v_proj.get("bias")), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    q = nn.rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps)  # QK-norm: RMSNorm over head_dim, per head
+    k = nn.rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
+    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, return_weights=output_attentions)
+    return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward: dense gated MLP, or the sparse mixture of experts
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp(x, p, cfg):
+    """Gated MLP (SwiGLU): down(act(gate(x)) * up(x)). (..., hidden_size) -> (..., hidden_size)"""
+    act = nn.activation(cfg.hidden_act)
+    return ops.linear(act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight), p.down_proj.weight)
+
+
+def top_k_experts(probs, top_k):
+    """The k most probable experts per token; ties go to the lower expert index (stable sort).
+    probs: (tokens, num_experts) -> (tokens, top_k) int64"""
+    return np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+
+
+def route(router_logits, top_k, norm_topk_prob):
+    """Pick each token's top-k experts: softmax over ALL experts (float32), then top-k,
+    renormalised to sum to one only when norm_topk_prob.
+
+    router_logits: (tokens, num_experts) -> indices (tokens, top_k) int64, weights (tokens, top_k)
+    """
+    probs = nn.softmax(router_logits.astype(np.float32), axis=-1)  # (tokens, num_experts)
+    top_k_index = top_k_experts(probs, top_k)  # (tokens, top_k)
+    top_k_weights = np.take_along_axis(probs, top_k_index, axis=-1)  # (tokens, top_k)
+    if norm_topk_prob:
+        top_k_weights = top_k_weights / top_k_weights.sum(axis=-1, keepdims=True)
+    return top_k_index, top_k_weights
+
+
+def sparse_moe_block(x, p, cfg):
+    """Router + experts. x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), router_logits (tokens, num_experts)"""
+    b, s, hidden = x.shape
+    tokens = x.reshape(b * s, hidden)  # (tokens, hidden_size)
+    router_logits = ops.linear(tokens, p.gate.weight)  # (tokens, num_experts)
+    top_k_index, top_k_weights = route(router_logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    e = p.experts
+    out = ops.moe_dispatch(tokens, top_k_index, top_k_weights.astype(x.dtype), e.gate_proj, e.up_proj,
+                           e.down_proj, cfg.hidden_act)  # (tokens, hidden_size)
+    return out.reshape(b, s, hidden), router_logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder layer and model
+# ---------------------------------------------------------------------------------------------
+
+
+def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
+    """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
+    attn_out, weights = attention(nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps), p.self_attn, cfg,
+                                  layer_idx, cos, sin, mask, cache, output_attentions)
+    h = x + attn_out
+    normed = nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps)
+    if cfg.is_sparse_layer(layer_idx):
+        ffn_out, router_logits = sparse_moe_block(normed, p.mlp, cfg)
+    else:
+        ffn_out, router_logits = mlp(normed, p.mlp, cfg), None
+    return h + ffn_out, weights, router_logits
+
+
+def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
+                    output_router_logits=None):
+    """The backbone: embeddings -> decoder layers -> final RMSNorm."""
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
+        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
+    if use_cache and past_key_values is None:
+        past_key_values = KVCache(cfg.num_hidden_layers)
+    x = p.embed_tokens.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.norm.weight.dtype)
+    if position_ids is None:
+        position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
+    cos, sin = rope_cos_sin(position_ids, *compute_inv_freq(cfg))  # (batch, seq, head_dim)
+    mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.window)
+
+    all_hidden, all_attentions, all_router_logits = [], [], []
+    for layer_idx, layer in enumerate(p.layers):
+        all_hidden.append(x)
+        x, weights, router_logits = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, past_key_values,
+                                                  output_attentions)
+        all_attentions.append(weights)
+        if router_logits is not None:
+            all_router_logits.append(router_logits)
+    x = nn.rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    all_hidden.append(x)
+    if output_router_logits is None:
+        output_router_logits = cfg.output_router_logits
+    return ModelOutput(
+        last_hidden_state=x,
+        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+        hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        attentions=tuple(all_attentions) if output_attentions else None,
+        router_logits=tuple(all_router_logits) if output_router_logits else None,
+    )
+
+
+def qwen3_moe_shapes(cfg):
+    """Every tensor of the backbone, named as in Hugging Face checkpoints (experts stacked)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    for i in range(cfg.num_hidden_layers):
+        L = f"layers.{i}."
+        shapes.update({
+            L + "input_layernorm.weight": (h,),
+            L + "post_attention_layernorm.weight": (h,),
+            L + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
+            L + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
+            L + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
+            L + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+            L + "self_attn.q_norm.weight": (d,),
+            L + "self_attn.k_norm.weight": (d,),
+        })
+        if cfg.attention_bias:
+            for name, rows in (("q", cfg.num_attention_heads * d), ("k", cfg.num_key_value_heads * d),
+                               ("v", cfg.num_key_value_heads * d), ("o", h)):
+                shapes[L + f"self_attn.{name}_proj.bias"] = (rows,)
+        if cfg.is_sparse_layer(i):
+            e, m = cfg.num_experts, cfg.moe_intermediate_size
+            shapes.update({
+                L + "mlp.gate.weight": (e, h),
+                L + "mlp.experts.gate_proj": (e, m, h),
+                L + "mlp.experts.up_proj": (e, m, h),
+                L + "mlp.experts.down_proj": (e, h, m),
+            })
+        else:
+            m = cfg.intermediate_size
+            shapes.update({L + "mlp.gate_proj.weight": (m, h), L + "mlp.up_proj.weight": (m, h),
+                           L + "mlp.down_proj.weight": (h, m)})
+    return shapes
+
+
+def stack_experts(tensors, cfg):
+    """Checkpoint layouts -> the model's (num_experts, out, in) stacks, per sparse layer.
+
+    Hub layout (one tensor per expert):   ...mlp.experts.{e}.gate_proj.weight (moe_intermediate, hidden)
+    transformers 5 fused layout:          ...mlp.experts.gate_up_proj (num_experts, 2 * moe_intermediate, hidden)
+                                          ...mlp.experts.down_proj    (num_experts, hidden, moe_intermediate)
+    """
+    out = dict(tensors)
+    for name in [k for k in tensors if k.endswith("mlp.experts.gate_up_proj")]:
+        prefix = name[: -len("gate_up_proj")]
+        gate_up = out.pop(name)
+        half = gate_up.shape[1] // 2
+        out[prefix + "gate_proj"], out[prefix + "up_proj"] = gate_up[:, :half], gate_up[:, half:]
+    per_expert = {}
+    for name in [k for k in tensors if ".mlp.experts." in k and k.endswith(".weight")]:
+        prefix, rest = name.split(".mlp.experts.")
+        e, proj, _ = rest.split(".")
+        per_expert.setdefault((prefix, proj), {})[int(e)] = out.pop(name)
+    for (prefix, proj), experts in per_expert.items():
+        missing = sorted(set(range(cfg.num_experts)) - set(experts))
+        if missing or len(experts) != cfg.num_experts:
+            raise CheckpointError(f"{prefix}.mlp.experts: expected {cfg.num_experts} experts' {proj}, "
+                                  f"missing {missing[:5]} or extra {sorted(set(experts) - set(range(cfg.num_experts)))[:5]}")
+        shapes = {a.shape for a in experts.values()}
+        if len(shapes) != 1:
+            raise CheckpointError(f"{prefix}.mlp.experts.*.{proj}.weight: experts have different shapes {sorted(shapes)}")
+        out[f"{prefix}.mlp.experts.{proj}"] = np.stack([experts[i] for i in range(cfg.num_experts)])
+    return out
+
+
+def unstack_experts(tensors, cfg):
+    """The model's expert stacks -> the Hub's one-tensor-per-expert layout (what save writes)."""
+    out = {}
+    for name, value in tensors.items():
+        if ".mlp.experts." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj"):
+            prefix, proj = name.rsplit(".", 1)
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.{proj}.weight"] = value[e]
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face-style classes
+# ---------------------------------------------------------------------------------------------
+
+
+class Qwen3MoeModel(BaseModel):
+    """The bare Qwen3-MoE transformer: `model(input_ids).last_hidden_state`."""
+
+    config_class = Qwen3MoeConfig
+    backbone_shapes = staticmethod(qwen3_moe_shapes)
+    backbone_forward = staticmethod(qwen3_moe_model)
+    convert_checkpoint = classmethod(lambda cls, tensors, cfg: stack_experts(tensors, cfg))
+    to_checkpoint = classmethod(lambda cls, tensors, cfg: unstack_experts(tensors, cfg))
+
+
+def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
+    """Switch-Transformer auxiliary loss over all sparse layers together:
+
+        num_experts * sum_e (fraction of routed slots that chose e) * (mean router probability of e)
+
+    averaged over the tokens the attention mask keeps. router_logits: tuple of (tokens, num_experts).
+    """
+    probs = nn.softmax(np.concatenate(router_logits, axis=0).astype(np.float32), axis=-1)  # (layers * tokens, num_experts)
+    top_k_index = top_k_experts(probs, top_k)  # (layers * tokens, top_k)
+    chosen = np.zeros_like(probs)
+    np.put_along_axis(chosen, top_k_index, 1.0, axis=-1)  # one-hot of the k chosen experts
+    if attention_mask is None:
+        keep = np.ones(probs.shape[0], np.float32)
+    else:
+        keep = np.tile(np.asarray(attention_mask, np.float32).reshape(-1), len(router_logits))  # (layers * tokens,)
+    tokens_per_expert = (chosen * keep[:, None]).sum(0) / keep.sum()  # (num_experts,)
+    prob_per_expert = (probs * keep[:, None]).sum(0) / keep.sum()  # (num_experts,)
+    return np.float32(num_experts * np.sum(tokens_per_expert * prob_per_expert))
+
+
+class Qwen3MoeForCausalLM(ForCausalLM):
+    """Causal LM; with router logits requested, adds the load-balancing aux loss to the loss."""
+
+    config_class = Qwen3MoeConfig
+    base_model_class = Qwen3MoeModel
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False, output_router_logits=None, logits_to_keep=0):
+        cfg = self.config
+        if output_router_logits is None:
+            output_router_logits = cfg.output_router_logits
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                              use_cache=use_cache, output_attentions=output_attentions,
+                              output_hidden_states=output_hidden_states, logits_to_keep=logits_to_keep,
+                              output_router_logits=output_router_logits)
+        if output_router_logits and out.router_logits:
+            out.aux_loss = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
+                                               attention_mask)
+            if out.loss is not None:
+                out.loss = np.float32(out.loss + cfg.router_aux_loss_coef * out.aux_loss)
+        return out
+
+
+class Qwen3MoeForSequenceClassification(ForSequenceClassification):
+    config_class = Qwen3MoeConfig
+    base_model_class = Qwen3MoeModel
+
+
+class Qwen3MoeForTokenClassification(ForTokenClassification):
+    config_class = Qwen3MoeConfig
+    base_model_class = Qwen3MoeModel
+
+
+class Qwen3MoeForQuestionAnswering(ForQuestionAnswering):
+    config_class = Qwen3MoeConfig
+    base_model_class = Qwen3MoeModel
+    base_model_prefix = "transformer"  # as transformers names it for this head
+
+
+# ---------------------------------------------------------------------------------------------
+# keras-hub-style backbone
+# ---------------------------------------------------------------------------------------------
+
+
+class Qwen3MoeBackbone(Backbone):
+    """keras-hub's Qwen3MoeBackbone arguments on top of Qwen3MoeModel."""
+
+    model_class = Qwen3MoeModel
+
+    def __init__(self, vocabulary_size, num_layers, num_query_heads, num_key_value_heads, hidden_dim,
+                 intermediate_dim, moe_intermediate_dim, num_experts, head_dim=None, top_k=4,
+                 norm_top_k_prob=False, decoder_sparse_step=1, rope_max_wavelength=10000,
+                 rope_scaling_factor=1.0, layer_norm_epsilon=1e-6, dropout=0, dtype=None,
+                 tie_word_embeddings=False, sliding_window_size=32768, router_aux_loss_coefficient=0.001,
+                 mlp_only_layers=None, **kwargs):
+        hf_config = Qwen3MoeConfig(
+            vocab_size=vocabulary_size, num_hidden_layers=num_layers, num_attention_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads, hidden_size=hidden_dim, intermediate_size=intermediate_dim,
+            moe_intermediate_size=moe_intermediate_dim, num_experts=num_experts, head_dim=head_dim,
+            num_experts_per_tok=top_k, norm_topk_prob=norm_top_k_prob, decoder_sparse_step=decoder_sparse_step,
+            rope_theta=rope_max_wavelength,
+            rope_scaling=None if rope_scaling_factor == 1.0 else {"rope_type": "linear", "factor": rope_scaling_factor},
+            rms_norm_eps=layer_norm_epsilon, attention_dropout=dropout, tie_word_embeddings=tie_word_embeddings,
+            use_sliding_window=sliding_window_size is not None, sliding_window=sliding_window_size,
+            router_aux_loss_coef=router_aux_loss_coefficient, mlp_only_layers=mlp_only_layers)
+        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
+
+    @classmethod
+    def from_hf_config(cls, c):
+        factor = (c.rope_scaling or {}).get("factor", 1.0) if (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type")) == "linear" else 1.0
+        return dict(
+            vocabulary_size=c.vocab_size, num_layers=c.num_hidden_layers, num_query_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads, hidden_dim=c.hidden_size, intermediate_dim=c.intermediate_size,
+            moe_intermediate_dim=c.moe_intermediate_size, num_experts=c.num_experts, head_dim=c.head_dim,
+            top_k=c.num_experts_per_tok, norm_top_k_prob=c.norm_topk_prob, decoder_sparse_step=c.decoder_sparse_step,
+            rope_max_wavelength=c.rope_theta, rope_scaling_factor=factor, layer_norm_epsilon=c.rms_norm_eps,
+            dropout=c.attention_dropout, tie_word_embeddings=c.tie_word_embeddings,
+            sliding_window_size=c.sliding_window if c.use_sliding_window else None,
+            router_aux_loss_coefficient=c.router_aux_loss_coef, mlp_only_layers=list(c.mlp_only_layers))

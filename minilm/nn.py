@@ -1,0 +1,210 @@
+"""The shared core: the small functions every architecture is built from.
+
+Each function is one concept from the papers, pure (arrays in, arrays out) and short enough to
+check against the equation by eye. Axis names used in the shape comments:
+
+    batch, seq (query positions), kv_seq (key positions, past + current), hidden_size,
+    num_heads, num_kv_heads, head_dim, intermediate_size, vocab_size
+
+Model files import these; the three hot spots (matmul, attention, expert dispatch) live in
+`minilm.ops`, where the compiled kernels can swap in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+    Computed in float32 whatever the input dtype, then cast back (as transformers does).
+    x: (..., dim), weight: (dim,)
+    """
+    x32 = x.astype(np.float32, copy=False)
+    variance = np.mean(x32 * x32, axis=-1, keepdims=True)  # (..., 1)
+    normed = x32 / np.sqrt(variance + np.float32(eps))  # (..., dim)
+    return weight * normed.astype(x.dtype, copy=False)
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm (Ba et al., 2016): (x - mean) / sqrt(var + eps) * weight + bias.
+
+    x: (..., dim), weight and bias: (dim,)
+    """
+    x32 = x.astype(np.float32, copy=False)
+    mean = np.mean(x32, axis=-1, keepdims=True)  # (..., 1)
+    centered = x32 - mean
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)  # (..., 1)
+    normed = centered / np.sqrt(variance + np.float32(eps))
+    return (normed * weight + bias).astype(x.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations and softmax
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax; a row that is entirely -inf gives zeros, never NaN."""
+    x_max = np.max(x, axis=axis, keepdims=True)
+    x_max = np.where(np.isfinite(x_max), x_max, 0)
+    e = np.exp(x - x_max)
+    total = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(total == 0, 1, total)
+
+
+def log_softmax(x, axis=-1):
+    x_max = np.max(x, axis=axis, keepdims=True)
+    shifted = x - x_max
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def silu(x):
+    """SiLU / swish: x * sigmoid(x)."""
+    return x / (1 + np.exp(-x))
+
+
+def gelu(x):
+    """GELU with the exact Gaussian CDF: x * Phi(x)."""
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)).astype(x.dtype, copy=False))
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (GPT-2, BLOOM, Gemma): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
+    c = np.asarray(math.sqrt(2 / math.pi), dtype=x.dtype)
+    return 0.5 * x * (1 + np.tanh(c * (x + np.asarray(0.044715, dtype=x.dtype) * x * x * x)))
+
+
+def _erf(x):
+    """Vectorised error function (NumPy has none); float64 inside for accuracy."""
+    try:
+        from scipy.special import erf  # noqa: PLC0415  (optional, exact)
+
+        return erf(x)
+    except ImportError:
+        return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+ACTIVATIONS = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+}
+
+
+def activation(name):
+    """The activation function a config names (`hidden_act` / `hidden_activation`)."""
+    from .errors import ConfigError
+
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def soft_cap(x, cap):
+    """Logit soft-capping (Gemma 2/3): cap * tanh(x / cap). Smoothly bounds x to (-cap, cap)."""
+    return cap * np.tanh(x / cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: which key positions each query position may attend to (True = may attend)
+# ---------------------------------------------------------------------------------------------
+
+
+def causal_mask(q_idx, k_idx):
+    """Query at index q sees keys at index <= q.
+
+        k: 0 1 2 3 4
+    q=2    x x x . .
+    q=4    x x x x x
+
+    q_idx: (seq,), k_idx: (kv_seq,) -> (seq, kv_seq) bool
+    """
+    return k_idx[None, :] <= q_idx[:, None]
+
+
+def sliding_window_mask(q_idx, k_idx, window):
+    """Query at q sees the `window` most recent keys, itself included: q-window < k <= q.
+
+    sliding_window=3   k: 0 1 2 3 4
+    q=4                   . . x x x
+
+    q_idx: (seq,), k_idx: (kv_seq,) -> (seq, kv_seq) bool
+    """
+    return causal_mask(q_idx, k_idx) & (k_idx[None, :] > q_idx[:, None] - window)
+
+
+def padding_mask(attention_mask):
+    """Keys that are padding are never attended to.
+
+    attention_mask: (batch, kv_seq) of 0/1 -> (batch, 1, 1, kv_seq) bool
+    """
+    return (np.asarray(attention_mask) != 0)[:, None, None, :]
+
+
+def attention_mask_4d(attention_mask, q_idx, k_idx, sliding_window=None):
+    """Combine causal (or sliding-window) and padding masks into one boolean mask.
+
+    attention_mask: (batch, kv_seq) 0/1 or None; q_idx: (seq,); k_idx: (kv_seq,)
+    -> (batch or 1, 1, seq, kv_seq) bool, True where the query may attend to the key.
+    """
+    if sliding_window is None:
+        allowed = causal_mask(q_idx, k_idx)  # (seq, kv_seq)
+    else:
+        allowed = sliding_window_mask(q_idx, k_idx, sliding_window)
+    allowed = allowed[None, None]  # (1, 1, seq, kv_seq)
+    if attention_mask is not None:
+        allowed = allowed & padding_mask(attention_mask)  # (batch, 1, seq, kv_seq)
+    return allowed
+
+
+def position_ids_from_attention_mask(attention_mask):
+    """Positions that ignore left padding: cumsum(mask) - 1 (pads get position 1, never used).
+
+    attention_mask: (batch, seq) -> (batch, seq) int64
+    """
+    mask = np.asarray(attention_mask).astype(np.int64)
+    positions = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention helpers and MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def repeat_kv(x, num_groups):
+    """Grouped-query attention: each key/value head serves `num_groups` query heads.
+
+    (batch, num_kv_heads, kv_seq, head_dim) -> (batch, num_kv_heads * num_groups, kv_seq, head_dim)
+    """
+    if num_groups == 1:
+        return x
+    return np.repeat(x, num_groups, axis=1)
+
+
+def split_heads(x, num_heads, head_dim):
+    """(batch, seq, num_heads * head_dim) -> (batch, num_heads, seq, head_dim)"""
+    b, s, _ = x.shape
+    return x.reshape(b, s, num_heads, head_dim).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(batch, num_heads, seq, head_dim) -> (batch, seq, num_heads * head_dim)"""
+    b, h, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+def embedding(token_ids, table):
+    """Look up rows of the embedding table. token_ids: (batch, seq) -> (batch, seq, hidden_size)"""
+    return table[token_ids]

@@ -1,0 +1,179 @@
+"""The one seam for speed: matmul (linear), attention and expert dispatch.
+
+Model files call `ops.linear`, `ops.attention` and `ops.moe_dispatch`. The plain NumPy versions
+below are the reference: read them to learn what each operation computes. Compiled versions
+(Numba on the CPU, CuPy on the GPU) live in `kernels/` (installed as `minilm.kernels`) and
+register themselves under a backend name; `set_backend` picks which one runs. Model code never
+changes and never knows which backend is active.
+
+Shapes:
+    linear:        x (..., in_features), weight (out_features, in_features) -> (..., out_features)
+    attention:     q (batch, num_heads, seq, head_dim), k/v (batch, num_kv_heads, kv_seq, head_dim)
+    moe_dispatch:  x (tokens, hidden_size), top_k_index/top_k_weights (tokens, top_k),
+                   gate_proj/up_proj (num_experts, moe_intermediate_size, hidden_size),
+                   down_proj (num_experts, hidden_size, moe_intermediate_size)
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import nn
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# NumPy reference implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_reference(x, weight, bias=None):
+    """y = x W^T + b, with W stored as (out_features, in_features) like torch.nn.Linear."""
+    y = x @ weight.T  # (..., out_features)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
+    """Scaled dot-product attention with grouped-query heads.
+
+    scores = soft_cap(q k^T * scale) + bias, then -inf where `mask` is False, softmax over keys,
+    then a weighted sum of the values. Every feature of every model is one of these arguments:
+
+      mask      (batch|1, 1, seq, kv_seq) bool: causal, sliding window, padding, image spans
+      bias      (batch|1, num_heads|1, seq|1, kv_seq) float: ALiBi
+      soft_cap  float: Gemma's attention logit soft cap, cap * tanh(scores / cap)
+
+    A query row whose keys are all masked (a padding query) gets zeros, never NaN.
+    Returns (output (batch, num_heads, seq, head_dim), weights (batch, num_heads, seq, kv_seq) or None).
+    """
+    b, num_heads, seq, head_dim = q.shape
+    num_kv_heads, kv_seq = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    # GQA without copying the cache: query heads grouped under the key/value head they share.
+    qg = q.reshape(b, num_kv_heads, groups, seq, head_dim)  # (batch, num_kv_heads, groups, seq, head_dim)
+    scores = qg @ k[:, :, None].swapaxes(-1, -2)  # (batch, num_kv_heads, groups, seq, kv_seq)
+    scores = scores.reshape(b, num_heads, seq, kv_seq) * np.asarray(scale, dtype=q.dtype)
+    if soft_cap is not None:
+        scores = nn.soft_cap(scores, np.asarray(soft_cap, dtype=scores.dtype))
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.astype(np.float32, copy=False)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    weights = nn.softmax(scores, axis=-1).astype(q.dtype, copy=False)  # (batch, num_heads, seq, kv_seq)
+    wg = weights.reshape(b, num_kv_heads, groups, seq, kv_seq)
+    out = (wg @ v[:, :, None]).reshape(b, num_heads, seq, head_dim)  # (batch, num_heads, seq, head_dim)
+    return out, (weights if return_weights else None)
+
+
+def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
+    """Mixture of experts: send each token to its top-k experts and sum their weighted outputs.
+
+    out[t] = sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(x[t]),
+    expert_e(x) = down_proj[e] @ (act(gate_proj[e] @ x) * (up_proj[e] @ x))   (a gated MLP)
+
+    Loops over the experts that received at least one token, as transformers' eager code does.
+    """
+    act = nn.activation(activation)
+    out = np.zeros_like(x)  # (tokens, hidden_size)
+    for e in np.unique(top_k_index):
+        token_idx, slot = np.nonzero(top_k_index == e)  # tokens routed to expert e, and which of their k slots
+        h = x[token_idx]  # (tokens_e, hidden_size)
+        h = act(h @ gate_proj[e].T) * (h @ up_proj[e].T)  # (tokens_e, moe_intermediate_size)
+        h = h @ down_proj[e].T  # (tokens_e, hidden_size)
+        np.add.at(out, token_idx, h * top_k_weights[token_idx, slot, None])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend registry: which implementation of each op runs
+# ---------------------------------------------------------------------------------------------
+
+OPS = ("linear", "attention", "moe_dispatch")
+
+_BACKENDS = {
+    "numpy": {
+        "linear": linear_reference,
+        "attention": attention_reference,
+        "moe_dispatch": moe_dispatch_reference,
+    }
+}
+# Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
+_LAZY_BACKENDS = {"numba": "minilm.kernels.numba_backend", "cupy": "minilm.kernels.cupy_backend"}
+_active = {"name": None}
+
+
+def register_backend(name, implementations):
+    """Make `implementations` ({op name: function}) selectable as backend `name`.
+    Ops a backend leaves out fall back to the NumPy reference."""
+    unknown = set(implementations) - set(OPS)
+    if unknown:
+        raise ConfigError(f"backend {name!r} registers unknown ops {sorted(unknown)}; ops are {OPS}")
+    _BACKENDS[name] = dict(_BACKENDS["numpy"], **implementations)
+
+
+def available_backends():
+    return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))
+
+
+def _load(name):
+    if name not in _BACKENDS:
+        if name not in _LAZY_BACKENDS:
+            raise ConfigError(f"unknown backend {name!r}; choose one of {available_backends()}")
+        import importlib
+
+        importlib.import_module(_LAZY_BACKENDS[name])  # registers itself
+    return _BACKENDS[name]
+
+
+def set_backend(name):
+    """Choose the implementation of matmul, attention and expert dispatch: "numpy" (the readable
+    reference), "numba" (compiled CPU kernels) or "cupy" (GPU). Returns the previous name."""
+    previous = get_backend()
+    _load(name)
+    _active["name"] = name
+    return previous
+
+
+def get_backend():
+    """The active backend: the last `set_backend`, else $MINILM_BACKEND, else "numpy"."""
+    if _active["name"] is None:
+        _active["name"] = os.environ.get("MINILM_BACKEND", "numpy")
+    return _active["name"]
+
+
+@contextmanager
+def use_backend(name):
+    """Run a block with another backend: `with ops.use_backend("numba"): model(ids)`."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _impl(op):
+    return _load(get_backend())[op]
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops the models call
+# ---------------------------------------------------------------------------------------------
+
+
+def linear(x, weight, bias=None):
+    return _impl("linear")(x, weight, bias)
+
+
+def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
+    return _impl("attention")(
+        q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, return_weights=return_weights
+    )
+
+
+def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
+    return _impl("moe_dispatch")(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation)
