@@ -100,17 +100,32 @@ def check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, rep
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed=None, on_token=None):
+             pad_token_id=None, seed=None):
     """Generate up to `max_new_tokens` tokens after a (left-padded) batch of prompts.
 
     input_ids: (batch, seq); attention_mask: (batch, seq) with 0 on the left padding.
     Returns (batch, seq + new) int64: prompt + new ids, transformers' convention. A row that
-    emits an EOS token keeps emitting pad_token_id until every row is done.
-    on_token(step, tokens): called with each new column (batch,), for streaming.
+    emits an EOS token continues with pad_token_id until every row is done.
     """
     input_ids = np.asarray(input_ids)
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
+    columns = [input_ids.astype(np.int64)]
+    for tokens in generate_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id, seed=seed):
+        columns.append(tokens[:, None])
+    return np.concatenate(columns, axis=1)
+
+
+def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
+                    top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_token_id=None,
+                    pad_token_id=None, seed=None):
+    """The generation loop as an iterator: yields each new column of tokens, (batch,) int64.
+
+    Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the token
+    just chosen. Stopping early (stop strings, streaming) is just not asking for the next one.
+    """
+    input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise InputError(f"input_ids must have shape (batch, seq); got {input_ids.shape}")
     check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
@@ -124,13 +139,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
         raise InputError("generation needs LEFT padding: the last column of attention_mask must be all ones")
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
     eos = set(np.atleast_1d(eos).tolist()) if eos is not None else set()
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else (min(eos) if eos else 0))
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    pad = pad if pad is not None else (min(eos) if eos else 0)
     rng = np.random.default_rng(seed)
 
-    sequences = input_ids.astype(np.int64)
+    sequences = input_ids.astype(np.int64)  # (batch, seq + generated so far), for the repetition penalty
     done = np.zeros(len(sequences), dtype=bool)
     cache, step_ids = None, sequences
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1]:]  # (batch, step_len)
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -140,10 +156,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
         tokens = np.where(done, pad, tokens)  # (batch,)
         sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
         attention_mask = np.concatenate([attention_mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        if on_token is not None:
-            on_token(step, tokens)
+        yield tokens
         done |= np.isin(tokens, list(eos))
         if done.all():
-            break
-        step_ids = tokens[:, None]  # (batch, 1): only the new token goes through the model next step
-    return sequences
+            return
+        step_ids = tokens[:, None]  # (batch, 1): only the new token goes through the model next

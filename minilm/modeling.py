@@ -104,6 +104,9 @@ def with_prefix(prefix, shapes):
 # ---------------------------------------------------------------------------------------------
 
 
+HEAD_TENSOR_ROOTS = ("lm_head", "score", "qa_outputs", "classifier")
+
+
 class PreTrainedModel:
     """Holds `config` and `params`; loads, checks and saves checkpoints.
 
@@ -224,8 +227,9 @@ class PreTrainedModel:
             if first in ("model", "transformer") and rest.split(".")[0] in roots:
                 name = rest
             elif first not in roots:
-                aligned[name] = value  # a head tensor, e.g. lm_head.weight
-                continue
+                if self.has_head or first not in HEAD_TENSOR_ROOTS:
+                    aligned[name] = value  # a head tensor, e.g. lm_head.weight
+                continue  # a bare base model ignores a head's tensors, as transformers does
             aligned[f"{ours}.{name}" if ours else name] = value
         return aligned
 

@@ -47,7 +47,8 @@ def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, 
       bias      (batch|1, num_heads|1, seq|1, kv_seq) float: ALiBi
       soft_cap  float: Gemma's attention logit soft cap, cap * tanh(scores / cap)
 
-    A query row whose keys are all masked (a padding query) gets zeros, never NaN.
+    A query row whose keys are all masked (a left-padding query) attends uniformly to every key,
+    exactly what transformers' additive mask (finfo.min on every score) produces; never NaN.
     Returns (output (batch, num_heads, seq, head_dim), weights (batch, num_heads, seq, kv_seq) or None).
     """
     b, num_heads, seq, head_dim = q.shape
@@ -64,6 +65,8 @@ def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, 
     scores = scores.astype(np.float32, copy=False)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)
+        nothing_visible = ~np.any(mask, axis=-1, keepdims=True)  # (batch|1, 1, seq, 1)
+        scores = np.where(nothing_visible, 0.0, scores)  # uniform weights, as transformers gives
     weights = nn.softmax(scores, axis=-1).astype(q.dtype, copy=False)  # (batch, num_heads, seq, kv_seq)
     wg = weights.reshape(b, num_kv_heads, groups, seq, kv_seq)
     out = (wg @ v[:, :, None]).reshape(b, num_heads, seq, head_dim)  # (batch, num_heads, seq, head_dim)

@@ -60,6 +60,13 @@ class Qwen3MoeConfig(PretrainedConfig):
     router_aux_loss_coef: float = 0.001
     mlp_only_layers: list | None = None
 
+    @classmethod
+    def _rename_legacy_keys(cls, d):
+        # transformers 5 writes the expert count as num_local_experts (its attribute_map); the Hub as num_experts
+        if "num_local_experts" in d:
+            d.setdefault("num_experts", d.pop("num_local_experts"))
+        return d
+
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads if self.num_attention_heads else 0

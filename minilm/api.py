@@ -1,0 +1,179 @@
+"""`minilm.generate("The capital of France is")`: text in, text out, with the shipped model.
+
+Text -> tokenizer -> ids (left-padded for a batch) -> `generation.generate_tokens` -> ids ->
+text. Streaming decodes incrementally and holds back bytes of a character that is not complete
+yet, so multi-byte characters (emoji, CJK) are never split.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .generation import generate_tokens
+
+_LOADED = {}  # model path -> (model, tokenizer), so repeated calls load once
+
+
+def load(model=None, dtype="float32"):
+    """(model, tokenizer) for a GGUF file, a Hugging Face folder, or None for the default model."""
+    from .auto import from_pretrained
+    from .default_model import default_model_path
+
+    path = Path(model) if model is not None else default_model_path()
+    key = (str(path), str(dtype))
+    if key not in _LOADED:
+        loaded = from_pretrained(path, dtype=dtype)
+        tokenizer = getattr(loaded, "tokenizer", None)
+        if tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_file(path)
+        _LOADED[key] = (loaded, tokenizer)
+    return _LOADED[key]
+
+
+def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sample=None, temperature=None,
+             top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None, stop=None,
+             stream=False, add_bos=True, dtype="float32", stats=None):
+    """Continue `prompt` (a string, or a list of strings for a batch) with a language model.
+
+    model: path of a .gguf file or Hugging Face folder; None = the shipped Gemma 3 270M.
+    messages: chat messages [{"role": "user", "content": ...}] rendered with the model's chat
+      template (a list of such lists for a batch), instead of `prompt`.
+    Sampling: greedy unless do_sample=True or a temperature > 0 / top_k / top_p / min_p is given.
+    stop: a string or list of strings; generation ends at the first one (it is not returned).
+    stream=True returns an iterator of text pieces (single prompt only).
+    stats: a dict to fill with prompt_tokens, new_tokens, prefill_s, decode_tokens_per_s.
+    Returns the generated text (a list of texts for a batch), without the prompt.
+    """
+    loaded, tokenizer = load(model, dtype)
+    texts, batched = _prompts(prompt, messages, tokenizer)
+    if stream and batched:
+        raise InputError("stream=True takes one prompt, not a batch")
+    if do_sample is None:
+        do_sample = bool((temperature or 0) > 0 or top_k or top_p is not None or min_p is not None)
+    if temperature is None or temperature == 0:
+        temperature = 1.0
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    ids, mask = _left_pad([tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts],
+                          tokenizer.pad_token_id or 0)
+    eos = _eos_ids(loaded, tokenizer)
+    tokens = generate_tokens(loaded, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty, eos_token_id=eos, seed=seed)
+    if stats is not None:
+        tokens = _timed(tokens, stats, int(mask.sum()))
+    if stream:
+        return _stream(tokens, tokenizer, eos, stops)
+    new = [[] for _ in texts]
+    for column in tokens:
+        for row, token in enumerate(column):
+            new[row].append(int(token))
+        if stops and all(_cut_at_stop(_decode_until_eos(tokenizer, r, eos), stops)[1] for r in new):
+            break
+    results = [_cut_at_stop(_decode_until_eos(tokenizer, r, eos), stops)[0] for r in new]
+    return results if batched else results[0]
+
+
+def _prompts(prompt, messages, tokenizer):
+    if (prompt is None) == (messages is None):
+        raise InputError("pass a prompt or chat messages (exactly one)")
+    if messages is not None:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        return [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in conversations], \
+            messages and isinstance(messages[0], list)
+    if isinstance(prompt, str):
+        return [prompt], False
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt), True
+    raise InputError("prompt must be a string or a non-empty list of strings")
+
+
+def _left_pad(rows, pad_id):
+    """Token lists -> (batch, longest) ids and mask, padded on the left."""
+    width = max(len(r) for r in rows)
+    if width == 0:
+        raise InputError("the prompt is empty: nothing to continue (pass add_bos=True or some text)")
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+    if (mask.sum(1) == 0).any():
+        raise InputError("a prompt in the batch is empty")
+    return ids, mask
+
+
+def _eos_ids(model, tokenizer):
+    """Tokens that end generation: the config's EOS id(s), the tokenizer's, and <end_of_turn> if any."""
+    ids = set(np.atleast_1d(model.config.eos_token_id).tolist()) if model.config.eos_token_id is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    end_of_turn = tokenizer.token_to_id("<end_of_turn>")
+    if end_of_turn is not None:
+        ids.add(end_of_turn)
+    return sorted(ids)
+
+
+def _decode_until_eos(tokenizer, ids, eos):
+    for i, token in enumerate(ids):
+        if token in eos:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _cut_at_stop(text, stops):
+    """(text before the first stop string, whether one was found)"""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _stream(tokens, tokenizer, eos, stops):
+    """Yield text pieces as tokens arrive. Text is re-decoded from all new ids each step and only
+    the part that is final is emitted: never a trailing replacement character (an incomplete
+    UTF-8 sequence from byte-fallback tokens), never text that could be the start of a stop string."""
+    ids, emitted = [], 0
+    for column in tokens:
+        token = int(column[0])
+        if token in eos:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text, stopped = _cut_at_stop(text, stops)
+        if stopped:
+            if len(text) > emitted:
+                yield text[emitted:]
+            return
+        safe = len(text.rstrip("\ufffd"))
+        for s in stops:  # hold back a suffix that might grow into a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)[0]
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _timed(tokens, stats, prompt_tokens):
+    """Pass tokens through, recording prefill time (first token) and decode speed in `stats`."""
+    stats.update(prompt_tokens=prompt_tokens, new_tokens=0)
+    start = time.perf_counter()
+    for column in tokens:
+        if stats["new_tokens"] == 0:
+            stats["prefill_s"] = time.perf_counter() - start
+            first = time.perf_counter()
+        stats["new_tokens"] += 1
+        if stats["new_tokens"] > 1:
+            stats["decode_s"] = time.perf_counter() - first
+            stats["decode_tokens_per_s"] = (stats["new_tokens"] - 1) / max(stats["decode_s"], 1e-9)
+        yield column

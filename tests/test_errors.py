@@ -1,0 +1,209 @@
+"""Bad input gets an error of a documented minilm type whose message names the problem."""
+
+import json
+
+import numpy as np
+import pytest
+
+import minilm
+from minilm.checkpoint import read_safetensors, write_safetensors
+
+
+@pytest.fixture(scope="module")
+def config():
+    return minilm.Qwen3MoeConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    return minilm.Qwen3MoeForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder)
+    return folder
+
+
+def copy_checkpoint(src, dst, edit_config=None, edit_tensors=None):
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    if edit_config:
+        edit_config(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = {k: np.array(v) for k, v in read_safetensors(src / "model.safetensors").items()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    write_safetensors(dst / "model.safetensors", tensors)
+    return dst
+
+
+# -- forward inputs ---------------------------------------------------------------------------
+
+
+def test_token_id_out_of_range(model):
+    with pytest.raises(minilm.InputError, match=r"token id 50 .*out of range.*vocab_size=50"):
+        model(np.array([[1, 2, 50]]))
+    with pytest.raises(minilm.InputError, match="token id -1"):
+        model(np.array([[-1, 2]]))
+    assert issubclass(minilm.InputError, ValueError)
+
+
+def test_wrong_rank(model):
+    with pytest.raises(minilm.InputError, match=r"input_ids must have shape \(batch, seq\)"):
+        model(np.array([1, 2, 3]))
+    with pytest.raises(minilm.InputError, match=r"input_ids must have shape"):
+        model(np.zeros((1, 2, 3), dtype=np.int64))
+
+
+def test_float_ids(model):
+    with pytest.raises(minilm.InputError, match="integers"):
+        model(np.array([[1.5, 2.0]]))
+
+
+def test_mask_that_does_not_match_ids(model):
+    with pytest.raises(minilm.InputError, match=r"attention_mask has shape \(1, 2\).*\(1, 3\)"):
+        model(np.array([[1, 2, 3]]), attention_mask=np.ones((1, 2)))
+    with pytest.raises(minilm.InputError, match="only 0"):
+        model(np.array([[1, 2, 3]]), attention_mask=np.array([[0, 2, 1]]))
+
+
+def test_both_or_neither_ids_and_embeds(model):
+    with pytest.raises(minilm.InputError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    with pytest.raises(minilm.InputError, match="inputs_embeds must have shape"):
+        model(inputs_embeds=np.zeros((1, 3, 7), np.float32))
+
+
+def test_bad_generation_options(model):
+    ids = np.array([[1, 2]])
+    with pytest.raises(minilm.InputError, match="max_new_tokens"):
+        model.generate(ids, max_new_tokens=-1)
+    with pytest.raises(minilm.InputError, match="temperature"):
+        model.generate(ids, do_sample=True, temperature=0)
+    with pytest.raises(minilm.InputError, match="top_p"):
+        model.generate(ids, do_sample=True, top_p=1.5)
+    with pytest.raises(minilm.InputError, match="LEFT padding"):
+        model.generate(np.array([[1, 2, 0]]), attention_mask=np.array([[1, 1, 0]]))
+
+
+def test_backbone_bad_call():
+    b = minilm.Qwen3MoeBackbone(vocabulary_size=20, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+                                hidden_dim=8, intermediate_dim=8, moe_intermediate_dim=4, num_experts=2, top_k=1)
+    with pytest.raises(minilm.InputError, match="token_ids"):
+        b(np.array([[1, 2]]))
+    with pytest.raises(minilm.InputError, match=r"token ids must lie in \[0, 20\)"):
+        b.token_embedding(np.array([[25]]))
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+
+def test_impossible_config_values():
+    with pytest.raises(minilm.ConfigError, match="num_attention_heads=6 is not a multiple of num_key_value_heads=4"):
+        minilm.Qwen3MoeConfig(num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(minilm.ConfigError, match="hidden_size must be a positive integer"):
+        minilm.Qwen3MoeConfig(hidden_size=0)
+    with pytest.raises(minilm.ConfigError, match="num_experts_per_tok=9"):
+        minilm.Qwen3MoeConfig(num_experts=8, num_experts_per_tok=9)
+    with pytest.raises(minilm.ConfigError, match=r"mlp_only_layers \[7\]"):
+        minilm.Qwen3MoeConfig(num_hidden_layers=2, mlp_only_layers=[7])
+
+
+def test_unknown_architecture(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path / "x", edit_config=lambda c: c.update(architectures=["LlamaForCausalLM"]))
+    with pytest.raises(minilm.UnknownArchitectureError, match="unknown architecture 'LlamaForCausalLM'"):
+        minilm.from_pretrained(folder)
+    folder2 = copy_checkpoint(saved, tmp_path / "y", edit_config=lambda c: c.update(architectures=None, model_type="mamba"))
+    with pytest.raises(minilm.UnknownArchitectureError, match="'mamba'"):
+        minilm.from_pretrained(folder2)
+
+
+def test_unknown_backend():
+    with pytest.raises(minilm.ConfigError, match="unknown backend 'fortran'"):
+        minilm.set_backend("fortran")
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(minilm.CheckpointNotFoundError, match="no such file or folder"):
+        minilm.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(minilm.CheckpointNotFoundError, match="no config file"):
+        minilm.from_pretrained(tmp_path / "empty")
+    assert issubclass(minilm.CheckpointNotFoundError, FileNotFoundError)
+
+
+def test_missing_weights_file(saved, tmp_path):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text((saved / "config.json").read_text())
+    with pytest.raises(minilm.CheckpointNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        minilm.from_pretrained(folder)
+
+
+def test_config_that_does_not_match_the_checkpoint(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path / "x", edit_config=lambda c: c.update(hidden_size=32, head_dim=8))
+    with pytest.raises(minilm.CheckpointError, match=r"tensor 'model.embed_tokens.weight' has shape \(50, 16\) but the config gives \(50, 32\)"):
+        minilm.from_pretrained(folder)
+    folder = copy_checkpoint(saved, tmp_path / "y", edit_config=lambda c: c.update(num_hidden_layers=3))
+    with pytest.raises(minilm.CheckpointError, match=r"missing .*model.layers.2.*config.json match"):
+        minilm.from_pretrained(folder)
+
+
+def test_missing_tensor(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(minilm.CheckpointError, match="missing 1 tensor.*'model.layers.1.self_attn.k_norm.weight'"):
+        minilm.from_pretrained(folder)
+
+
+def test_unexpected_tensor(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=lambda t: t.update({"model.layers.0.extra.weight": np.ones(3, np.float32)}))
+    with pytest.raises(minilm.CheckpointError, match="unexpected tensor.*'model.layers.0.extra.weight'"):
+        minilm.from_pretrained(folder)
+
+
+def test_missing_expert(saved, tmp_path):
+    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=lambda t: t.pop("model.layers.0.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(minilm.CheckpointError, match=r"model.layers.0.mlp.experts: expected 4 experts' up_proj, missing \[3\]"):
+        minilm.from_pretrained(folder)
+
+
+def test_nan_tensor(saved, tmp_path):
+    def poison(t):
+        t["model.norm.weight"][3] = np.nan
+    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=poison)
+    with pytest.raises(minilm.CheckpointError, match="'model.norm.weight' holds NaN"):
+        minilm.from_pretrained(folder)
+
+
+def test_truncated_file(saved, tmp_path):
+    folder = tmp_path / "trunc"
+    folder.mkdir()
+    (folder / "config.json").write_text((saved / "config.json").read_text())
+    data = (saved / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(minilm.CheckpointError, match="corrupt or truncated"):
+        minilm.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"garbage!" + b"x" * 10)
+    with pytest.raises(minilm.CheckpointError, match="corrupt"):
+        minilm.from_pretrained(folder)
+
+
+def test_bad_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(minilm.CheckpointError, match="not valid JSON"):
+        minilm.from_pretrained(tmp_path)
+
+
+def test_offline_hub_handle(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(minilm.CheckpointNotFoundError, match="hf://Qwen/Qwen3-30B-A3B is not in the local Hugging Face cache"):
+        minilm.Backbone.from_preset("hf://Qwen/Qwen3-30B-A3B")
+    with pytest.raises(minilm.CheckpointNotFoundError, match="cannot resolve 'kaggle://"):
+        minilm.Backbone.from_preset("kaggle://keras/qwen3_moe/keras/x")
