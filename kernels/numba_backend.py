@@ -29,7 +29,8 @@ Precision rules (the same in every kernel)
   gemv is 5x slower. Everything else (softmax, masks, soft cap, activations) is strict IEEE
   (`fastmath=False`) and follows the reference's order of operations.
 * Softmax follows `minilm.nn.softmax` exactly: subtract the row max (0 if the max is not finite),
-  exponentiate, divide each term by the sum (by 1 if the sum is 0). A fully masked row gives zeros.
+  exponentiate, divide each term by the sum (by 1 if the sum is 0). A query row whose mask allows
+  no key attends uniformly to all keys, as `ops.attention_reference` does (transformers' behaviour).
 * Expert sums: each (token, slot) result is written to its own row, then every token adds its
   top_k rows in slot order j = 0..top_k-1 (the reference adds them in expert-id order). The order
   never depends on threads, so results are bit-for-bit repeatable.
@@ -44,6 +45,7 @@ import functools
 import math
 
 import ml_dtypes
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -120,6 +122,41 @@ def _dot(a, b):
     return acc
 
 
+def _numba_type(value, is_output):
+    """The numba type a kernel argument is compiled for (see `_launch`)."""
+    if isinstance(value, np.ndarray):
+        dtype = numba.from_dtype(value.dtype)
+        if is_output:
+            return types.Array(dtype, value.ndim, "C")
+        return types.Array(dtype, value.ndim, "A", readonly=True)
+    if isinstance(value, (bool, np.bool_)):
+        return types.boolean
+    if isinstance(value, np.float32):
+        return types.float32
+    if isinstance(value, (int, np.integer)):
+        return types.int64
+    raise TypeError(f"no kernel argument type for {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _entry_point(kernel, signature):
+    """`kernel` compiled for `signature`: loaded from the disk cache, or compiled once."""
+    return kernel.compile(signature)
+
+
+def _launch(kernel, *args, outputs=1):
+    """Run `kernel(*args)`; its last `outputs` arguments are the arrays it writes.
+
+    Every input array is compiled for as a read-only array of any memory layout, and every output
+    as a C-contiguous array we allocated, so one compiled kernel per dtype combination serves
+    contiguous tensors, transposed views and broadcast masks alike (numba's default would compile
+    a new kernel for each layout it meets, seconds each).
+    """
+    n = len(args) - outputs
+    signature = tuple(_numba_type(a, is_output=i >= n) for i, a in enumerate(args))
+    _entry_point(kernel, signature)(*args)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear: y = x W^T + b
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +205,7 @@ def linear(x, weight, bias=None):
     if bias is not None:
         out_dtype = np.result_type(out_dtype, bias.dtype)
     kx, kw = _kernel_array(x), _kernel_array(weight)
-    kb = _kernel_array(bias) if bias is not None else np.zeros(1, np.float32)
+    kb = _kernel_array(bias) if bias is not None else kw[:1, 0]  # unused; the weight's type compiles once
     if kx is None or kw is None or kb is None:
         return ops.linear_reference(x, weight, bias)  # float64 / float16: the reference
     lead, in_features = x.shape[:-1], x.shape[-1]
@@ -176,7 +213,7 @@ def linear(x, weight, bias=None):
     x2 = kx.reshape(rows, in_features)  # (rows, in_features), a view when x is contiguous
     if rows <= GEMV_MAX_ROWS:
         y = np.empty((rows, weight.shape[0]), np.float32)  # (rows, out_features)
-        _gemv_kernel(x2, kw, kb, bias is not None, y)
+        _launch(_gemv_kernel, x2, kw, kb, bias is not None, y)
     else:
         # Compute-bound: BLAS sgemm (a bf16 weight is widened to a float32 copy first).
         y = _as_float32(x.reshape(rows, in_features)) @ _as_float32(weight).T
@@ -191,14 +228,14 @@ def linear(x, weight, bias=None):
 
 
 @njit(parallel=True, cache=True)
-def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, out, weights, keep_weights):
+def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, keep_weights, out, weights):
     """Fused attention, one query row at a time, never materialising the (seq, kv_seq) matrix.
 
     q       (batch, num_heads, seq, head_dim)         float32 or bf16 bits
     k, v    (batch, num_kv_heads, kv_seq, head_dim)   float32 or bf16 bits, read in place (GQA:
                                                      query head h reads kv head h // groups)
     mask    (batch, 1, seq, kv_seq) bool             broadcast view (zero strides), True = may attend
-    bias    (batch, num_heads, seq, kv_seq)           broadcast view, float32 or bf16 bits
+    bias    (batch, num_heads, seq, kv_seq)           broadcast view, float32
     out     (batch, num_heads, seq, head_dim)         float32, written
     weights (batch, num_heads, seq, kv_seq)           float32, written when keep_weights
 
@@ -206,8 +243,10 @@ def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, out, w
       1. s_j = soft_cap(q_i . k_j * scale) + bias_ij for the keys the mask allows; their max m
          (masked keys cost nothing: no dot product, no exp, no read of v)
       2. p_j = exp(s_j - m) / sum_j' exp(s_j' - m)     (nn.softmax: m -> 0 if not finite,
-                                                        sum -> 1 if 0: a fully masked row is 0)
+                                                        sum -> 1 if 0)
       3. out_i = sum_j p_j v_j                          (vectorised over head_dim)
+    A row whose mask allows no key attends uniformly to every key (p_j = 1 / kv_seq), as the
+    reference does to match transformers' additive mask.
     """
     batch, num_heads, seq, head_dim = q.shape
     kv_seq = k.shape[2]
@@ -218,10 +257,18 @@ def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, out, w
         kv_h = h // groups
         p = np.empty(kv_seq, np.float32)  # (kv_seq,) scores of one query row, then its weights
         for i in range(seq):
-            # 1. scores of the allowed keys
-            row_max = np.float32(-np.inf)
+            sees_nothing = True
             for j in range(kv_seq):
                 if mask[b, 0, i, j]:
+                    sees_nothing = False
+                    break
+            # 1. scores of the allowed keys (all scores 0 for a row that sees nothing)
+            row_max = np.float32(-np.inf)
+            for j in range(kv_seq):
+                if sees_nothing:
+                    p[j] = 0.0
+                    row_max = np.float32(0.0)
+                elif mask[b, 0, i, j]:
                     s = _dot(q[b, h, i], k[b, kv_h, j]) * scale
                     if has_cap:
                         s = cap * np.tanh(s / cap)
@@ -234,7 +281,7 @@ def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, out, w
             # 2. softmax over the allowed keys; masked keys get weight 0
             total = np.float32(0.0)
             for j in range(kv_seq):
-                if mask[b, 0, i, j]:
+                if sees_nothing or mask[b, 0, i, j]:
                     e = np.exp(p[j] - row_max)
                     p[j] = e
                     total += e
@@ -246,7 +293,7 @@ def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, out, w
             o = out[b, h, i]  # (head_dim,)
             o[:] = 0.0
             for j in range(kv_seq):
-                if mask[b, 0, i, j]:
+                if sees_nothing or mask[b, 0, i, j]:
                     w = p[j] / total
                     p[j] = w
                     vj = v[b, kv_h, j]  # (head_dim,)
@@ -274,14 +321,14 @@ def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_wei
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise InputError(f"attention: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     kq, kk, kv = _kernel_array(q), _kernel_array(k), _kernel_array(v)
-    if bias is not None:
-        bias = np.asarray(bias)
-        if bias.dtype not in (np.float32, BFLOAT16):
-            bias = bias.astype(np.float32)  # e.g. a float64 ALiBi table; small before broadcasting
     if kq is None or kk is None or kv is None:
         return ops.attention_reference(
             q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, return_weights=return_weights
-        )
+        )  # float64 / float16: the reference
+    if kk.dtype != kv.dtype:  # one of k, v bf16 and the other float32: compile for one pair only
+        kk, kv = _as_float32(k), _as_float32(v)
+    if bias is not None:
+        bias = np.asarray(bias, dtype=np.float32)  # small before broadcasting (e.g. ALiBi's (1, heads, 1, kv_seq))
     try:
         if mask is None:
             mask_view = np.broadcast_to(np.True_, (batch, 1, seq, kv_seq))
@@ -290,7 +337,7 @@ def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_wei
         if bias is None:
             bias_view = np.broadcast_to(np.float32(0.0), (batch, num_heads, seq, kv_seq))
         else:
-            bias_view = np.broadcast_to(_kernel_array(bias), (batch, num_heads, seq, kv_seq))
+            bias_view = np.broadcast_to(bias, (batch, num_heads, seq, kv_seq))
     except ValueError as err:
         raise InputError(
             f"attention: mask {None if mask is None else np.shape(mask)} must broadcast to "
@@ -302,10 +349,10 @@ def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_wei
         weights = np.empty((batch, num_heads, seq, kv_seq), np.float32)
     else:
         weights = np.empty((1, 1, 1, 1), np.float32)  # unused
-    _attention_kernel(
-        kq, kk, kv, mask_view, bias_view, bias is not None,
+    _launch(
+        _attention_kernel, kq, kk, kv, mask_view, bias_view, bias is not None,
         np.float32(scale), np.float32(0.0 if soft_cap is None else soft_cap), soft_cap is not None,
-        out, weights, return_weights,
+        bool(return_weights), out, weights, outputs=2,
     )  # fmt: skip
     out = out.astype(_matmul_dtype(q.dtype, v.dtype), copy=False)
     return out, (weights.astype(q.dtype, copy=False) if return_weights else None)
@@ -365,7 +412,7 @@ def _group_by_expert(top_k_index, num_experts):
 
 
 @njit(parallel=True, cache=True)
-def _experts_up_kernel(x, pair_of_rank, top_k, starts, active, gate_proj, up_proj, act_code, h):
+def _experts_up_kernel(x, pair_of_rank, starts, active, gate_proj, up_proj, top_k, act_code, h):
     """h[r] = act(gate_proj[e] x_t) * (up_proj[e] x_t) for every rank r, of token t, of expert e.
 
     x          (tokens, hidden_size)                              float32 or bf16 bits
@@ -471,18 +518,21 @@ def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, a
     if any(a is None for a in arrays):
         return ops.moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation)
     kx, kw, kgate, kup, kdown = arrays
+    if kgate.dtype != kup.dtype:  # compile for one (gate, up) dtype pair only
+        kgate, kup = _as_float32(gate_proj), _as_float32(up_proj)
     top_k = top_k_index.shape[1]
-    starts, pair_of_rank, rank_of_pair = _group_by_expert(top_k_index.astype(np.int64, copy=False), num_experts)
+    index = np.ascontiguousarray(top_k_index, dtype=np.int64)  # (tokens, top_k)
+    starts, pair_of_rank, rank_of_pair = _group_by_expert(index, num_experts)
     active = np.flatnonzero(np.diff(starts))  # (num_active,) experts with at least one pair
     if tokens * top_k <= EXPERT_KERNEL_MAX_PAIRS * max(len(active), 1) and activation in _ACTIVATION_CODES:
         h = np.empty((tokens * top_k, inter), np.float32)  # (pairs, moe_intermediate_size), rank order
-        _experts_up_kernel(kx, pair_of_rank, top_k, starts, active, kgate, kup, _ACTIVATION_CODES[activation], h)
+        _launch(_experts_up_kernel, kx, pair_of_rank, starts, active, kgate, kup, top_k, _ACTIVATION_CODES[activation], h)
         y = np.empty((tokens * top_k, hidden), np.float32)  # (pairs, hidden_size), rank order
-        _experts_down_kernel(h, starts, active, kdown, y)
+        _launch(_experts_down_kernel, h, starts, active, kdown, y)
     else:
         y = _experts_blas(x, pair_of_rank, top_k, starts, active, gate_proj, up_proj, down_proj, activation)
     out = np.empty((tokens, hidden), np.float32)
-    _combine_kernel(y, rank_of_pair, kw, out)
+    _launch(_combine_kernel, y, rank_of_pair, kw, out)
     return out.astype(x.dtype, copy=False)
 
 

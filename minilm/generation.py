@@ -147,6 +147,8 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
     done = np.zeros(len(sequences), dtype=bool)
     cache, step_ids = None, sequences
     for _ in range(max_new_tokens):
+        if cache is not None and model.cache_is_stale(cache, sequences.shape[1]):
+            cache, step_ids = None, sequences  # re-run everything (Phi-3 longrope crossing its original length)
         positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1]:]  # (batch, step_len)
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -148,6 +148,11 @@ class ForCausalLM(HeadModel):
                            hidden_states=out.hidden_states, attentions=out.attentions,
                            router_logits=out.router_logits)
 
+    def cache_is_stale(self, cache, total_length):
+        """Must generation drop its KV cache and re-run the whole sequence before the step that
+        brings it to `total_length` tokens? No, unless a family says so (Phi-3's longrope)."""
+        return False
+
     def generate(self, input_ids, attention_mask=None, **options):
         """Prompt + new token ids, transformers' convention. See `minilm.generation.generate`."""
         from .generation import generate
@@ -185,9 +190,11 @@ class ForSequenceClassification(HeadModel):
 class ForTokenClassification(HeadModel):
     """One label per token (dropout is the identity at inference)."""
 
+    classifier_name = "score"  # the head's tensor name: transformers' generic head says score, BLOOM classifier
+
     def head_shapes(self):
         n, h = self.config.num_labels, self.config.hidden_size
-        return {"score.weight": (n, h), "score.bias": (n,)}
+        return {f"{self.classifier_name}.weight": (n, h), f"{self.classifier_name}.bias": (n,)}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
@@ -195,7 +202,8 @@ class ForTokenClassification(HeadModel):
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                               output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
-        logits = ops.linear(out.last_hidden_state, self.params.score.weight, self.params.score.bias)
+        head = self.params[self.classifier_name]
+        logits = ops.linear(out.last_hidden_state, head.weight, head.bias)  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1))

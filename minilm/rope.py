@@ -105,6 +105,8 @@ def rope_dynamic(config, seq_len=None, base=None, scaling=None):
     factor = _factor(scaling, "dynamic")
     base = config.rope_theta if base is None else base
     dim, max_pos = rope_dim(config), config.max_position_embeddings
+    if dim <= 2:
+        raise ConfigError(f"dynamic rope needs a rotary dimension > 2 (exponent d / (d - 2)); got {dim}")
     length = max_pos if seq_len is None else max(seq_len, max_pos)
     base = base * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     return default_inv_freq(base, dim), 1.0

@@ -262,13 +262,15 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
-        """Load a Hugging Face `tokenizer.json` (or a folder holding one).
+        """Load a Hugging Face `tokenizer.json` (or a folder holding one; a `.gguf` path goes to `from_gguf`).
 
         Special tokens, `add_bos_token` and the chat template come from `tokenizer_config.json`
         (and `chat_template.jinja`) next to it when present; without a config, BOS is added when
         the file's own post-processor adds it.
         """
         path = pathlib.Path(path)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():

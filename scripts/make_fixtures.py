@@ -69,17 +69,18 @@ HIDDEN_STATES_RULE = (
     "last decoder layer's output before the final norm."
 )
 PADDED_ROWS_RULE = (
-    "HF builds an additive float mask (finfo.min where masked). A query row at a left-padding position "
+    "HF builds an additive float mask (finfo.min where masked). A query row at a LEFT-padding position "
     "sees no key, so every score is finfo.min and softmax gives a uniform row (1/seq_k over ALL keys, "
-    "future ones included); outputs at padding positions are meaningless. Compare only where "
-    "attention_mask == 1 (for attentions: query rows with mask 1)."
+    "future ones included); a RIGHT-padding query row attends normally to the real tokens before it. "
+    "Outputs at padding positions are meaningless: compare only where attention_mask == 1 "
+    "(for attentions: query rows with mask 1)."
 )
 
 REGISTRY = {}
 
 
 def fixture(name, family, head, description):
-    """Register a builder: fn() -> dict(save=callable(folder), model=..., arrays=..., meta=...)."""
+    """Register a builder: fn() -> dict(save=callable(folder), arrays=..., meta=..., reload=callable)."""
 
     def register(fn):
         REGISTRY[name] = dict(fn=fn, family=family, head=head, description=description)
@@ -338,11 +339,16 @@ def write_fixture(name, built):
     meta["npz"] = {k: f"{v.dtype} {list(v.shape)}" for k, v in sorted(arrays.items())}
     if "reload" in built:
         meta["reload_check"] = built["reload"](folder, arrays)
+    dump_json(meta, folder / "reference.json")
+    problems = []
     for key in ("min_greedy_margin", "min_router_margin"):
         value = meta.get(key, meta.get("generation", {}).get(key))
         if value is not None and value < MIN_MARGIN and not meta.get("margin_exempt"):
-            raise SystemExit(f"{name}: {key}={value:.2e} < {MIN_MARGIN}: pick another seed")
-    dump_json(meta, folder / "reference.json")
+            problems.append(f"{name}: {key}={value:.2e} < {MIN_MARGIN}: a near-tie; pick another seed")
+    for layer, counts in meta.get("experts_used_per_layer", {}).items():
+        if sum(c > 0 for c in counts) < 6:
+            problems.append(f"{name}: layer {layer} routes to only {sum(c > 0 for c in counts)} of 8 experts")
+    return problems
 
 
 def reload_checker(cls, inputs, forward_extra=None, prefix="", load_kwargs=None, expect_fail=False):
@@ -407,14 +413,16 @@ def qwen_config(**overrides):
 
 
 QWEN_SCALES = (("mlp.gate.weight", 0.5), ("embed_tokens", 0.2), ("lm_head", 0.3))
+# tied embeddings: a small embedding and larger block outputs, else a random model repeats its input token
+QWEN_TIED_SCALES = (("mlp.gate.weight", 0.5), ("embed_tokens", 0.05), ("o_proj", 0.2), ("down_proj", 0.2))
 QWEN_LOAD = {"experts_implementation": "eager"}
 
 
-def qwen_model(cls_name, seed, **config_overrides):
+def qwen_model(cls_name, seed, scales=QWEN_SCALES, **config_overrides):
     cls = getattr(transformers, cls_name)
     torch.manual_seed(seed)
     model = cls(qwen_config(**config_overrides)).eval()
-    perturb_(model, seed + 1, scales=QWEN_SCALES)
+    perturb_(model, seed + 1, scales=scales)
     return model
 
 
@@ -455,11 +463,6 @@ QWEN_NOTES = [
 ]
 
 
-def qwen_inputs_causal():
-    ids, mask, sides = make_batch(seed=11, seq_len=12, real_lengths=[12, 9, 6])
-    return ids, mask, sides
-
-
 @functools.lru_cache(maxsize=None)
 def qwen_causal_lm(bf16=False):
     """The qwen3_moe_causal_lm model and its reference (shared by _fused, _sharded, _bf16)."""
@@ -468,7 +471,7 @@ def qwen_causal_lm(bf16=False):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
-    ids, mask, sides = qwen_inputs_causal()
+    ids, mask, sides = make_batch(seed=11, seq_len=12, real_lengths=[12, 9, 6])
     inputs = dict(
         input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=causal_labels(ids, mask)
     )
@@ -611,7 +614,8 @@ def build_qwen3_moe_bf16():
 def build_qwen3_moe_causal_lm_b():
     model = qwen_model(
         "Qwen3MoeForCausalLM",
-        seed=200,
+        seed=210,
+        scales=QWEN_TIED_SCALES,
         num_experts_per_tok=3,
         norm_topk_prob=False,
         decoder_sparse_step=2,
@@ -668,17 +672,18 @@ def build_qwen3_moe_causal_lm_b():
     "qwen3_moe_router_ties",
     "qwen3_moe",
     "causal_lm",
-    "router rows of experts 1 and 6 (and 3 and 4) are identical, so router logits tie exactly; "
-    "records which expert torch.topk picks on ties at the top-k boundary",
+    "router rows AND expert weights of experts 1 = 6 and 3 = 4 are identical: router logits tie exactly, "
+    "often at the top-k boundary; any tie rule gives HF's output, a threshold rule (p >= k-th value) does not",
 )
 def build_qwen3_moe_router_ties():
-    torch.manual_seed(300)
     model = qwen_model("Qwen3MoeForCausalLM", seed=300, num_hidden_layers=2, mlp_only_layers=[])
     with torch.no_grad():
         for layer in model.model.layers:
-            w = layer.mlp.gate.weight
-            w[6] = w[1]
-            w[4] = w[3]
+            gate, experts = layer.mlp.gate.weight, layer.mlp.experts
+            for a, b in ((1, 6), (3, 4)):
+                gate[b] = gate[a]
+                experts.gate_up_proj[b] = experts.gate_up_proj[a]
+                experts.down_proj[b] = experts.down_proj[a]
     ids, mask, sides = make_batch(seed=31, seq_len=12, real_lengths=[12, 10, 7])
     inputs = dict(
         input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), labels=causal_labels(ids, mask)
@@ -691,13 +696,16 @@ def build_qwen3_moe_router_ties():
         index = torch.from_numpy(arrays[f"router_top_k_index_{layer}"])
         if not (torch.equal(logits[:, 1], logits[:, 6]) and torch.equal(logits[:, 3], logits[:, 4])):
             raise SystemExit("qwen3_moe_router_ties: identical router rows did not give identical logits")
-        k = index.shape[-1]
-        for t in valid.nonzero()[:, 0].tolist():
+        boundary = torch.zeros(index.shape[0], dtype=torch.bool)
+        for t in range(index.shape[0]):
             chosen = set(index[t].tolist())
             for a, b in ((1, 6), (3, 4)):
-                if (a in chosen) != (b in chosen):  # the pair straddles the top-k boundary
-                    ties["boundary_ties"] += 1
-                    ties["lower_index_won" if a in chosen else "higher_index_won"] += 1
+                if (a in chosen) != (b in chosen):  # the tied pair straddles the top-k boundary
+                    boundary[t] = True
+                    if valid[t]:
+                        ties["boundary_ties"] += 1
+                        ties["lower_index_won" if a in chosen else "higher_index_won"] += 1
+        arrays[f"router_boundary_tie_{layer}"] = boundary.numpy()
     if ties["boundary_ties"] < 3:
         raise SystemExit(f"qwen3_moe_router_ties: too few boundary ties {ties}")
     meta = base_meta(model, padding_meta(mask, sides), info)
@@ -708,9 +716,11 @@ def build_qwen3_moe_router_ties():
     meta["router_ties"] = dict(
         ties,
         tied_pairs=[[1, 6], [3, 4]],
-        rule="torch.topk (CPU, float32) over softmax probabilities; on exactly equal values "
-        "the lower expert index was selected every time here (see counts); the experts differ, so the "
-        "choice changes the output",
+        router_boundary_tie_L="bool (batch * seq,): the token's top-k holds exactly one expert of a tied pair",
+        rule="torch.topk (CPU, float32, over the softmax probabilities) follows no index order on exact ties: "
+        "counts above. Tied experts have identical weights here, so the outputs do not depend on the rule; "
+        "compare router_top_k_index only up to swapping 1<->6 and 3<->4. Selecting by a threshold "
+        "(prob >= k-th largest) would route a boundary-tie token to k+1 experts and change the outputs.",
     )
     meta["margin_exempt"] = True  # ties are the point; min_router_margin is 0 by construction
     meta["notes"] = list(QWEN_NOTES)
@@ -765,7 +775,7 @@ def head_fixture(model, ids, mask, sides, labels, meta_extra, reload_cls, load_k
 def seq_cls_labels(kind, batch, num_labels, seed):
     gen = torch.Generator().manual_seed(seed)
     if kind == "single_label_classification":
-        return torch.randint(0, num_labels, (batch,), generator=gen)
+        return (torch.arange(batch) + seed) % num_labels  # every row a different class
     if kind == "multi_label_classification":
         return (torch.rand(batch, num_labels, generator=gen) > 0.5).float()
     return torch.randn(batch, generator=gen)  # regression, num_labels == 1
@@ -821,7 +831,8 @@ def qa_labels(ids, mask):
 
 
 def qwen_head(cls_name, seed):
-    return lambda **cfg: qwen_model(cls_name, seed, num_hidden_layers=2, mlp_only_layers=[1], **cfg)
+    """Head fixtures: 2 layers (MoE, dense), head_dim 12 (!= 32 / 4), to keep the files small."""
+    return lambda **cfg: qwen_model(cls_name, seed, num_hidden_layers=2, mlp_only_layers=[1], head_dim=12, **cfg)
 
 
 def qwen_head_meta(meta_extra):
@@ -831,10 +842,10 @@ def qwen_head_meta(meta_extra):
     return meta_extra
 
 
-@fixture("qwen3_moe_seq_cls", "qwen3_moe", "seq_cls", "Qwen3MoeForSequenceClassification, 3 labels, single-label")
+@fixture("qwen3_moe_seq_cls", "qwen3_moe", "seq_cls", "Qwen3MoeForSequenceClassification (2 layers (MoE, dense), head_dim 12), 3 labels, rows full / left-padded / right-padded")
 def build_qwen3_moe_seq_cls():
     b = seq_cls_fixture(
-        qwen_head("Qwen3MoeForSequenceClassification", 400), "single_label_classification", 3, 41,
+        qwen_head("Qwen3MoeForSequenceClassification", 401), "single_label_classification", 3, 41,
         transformers.Qwen3MoeForSequenceClassification, QWEN_LOAD,
     )
     b["meta"].update(qwen_head_meta({}))
@@ -843,7 +854,7 @@ def build_qwen3_moe_seq_cls():
 
 @fixture(
     "qwen3_moe_seq_cls_multilabel", "qwen3_moe", "seq_cls",
-    "Qwen3MoeForSequenceClassification, 4 labels, problem_type multi_label_classification, float labels",
+    "Qwen3MoeForSequenceClassification (2 layers (MoE, dense), head_dim 12), 4 labels, problem_type multi_label_classification, float labels",
 )
 def build_qwen3_moe_seq_cls_multilabel():
     b = seq_cls_fixture(
@@ -856,7 +867,7 @@ def build_qwen3_moe_seq_cls_multilabel():
 
 @fixture(
     "qwen3_moe_seq_cls_regression", "qwen3_moe", "seq_cls",
-    "Qwen3MoeForSequenceClassification, num_labels 1, problem_type regression (MSE)",
+    "Qwen3MoeForSequenceClassification (2 layers (MoE, dense), head_dim 12), num_labels 1, problem_type regression (MSE)",
 )
 def build_qwen3_moe_seq_cls_regression():
     b = seq_cls_fixture(
@@ -867,7 +878,7 @@ def build_qwen3_moe_seq_cls_regression():
     return b
 
 
-@fixture("qwen3_moe_token_cls", "qwen3_moe", "token_cls", "Qwen3MoeForTokenClassification, 5 labels, left padding")
+@fixture("qwen3_moe_token_cls", "qwen3_moe", "token_cls", "Qwen3MoeForTokenClassification (2 layers (MoE, dense), head_dim 12), 5 labels, left padding")
 def build_qwen3_moe_token_cls():
     model = qwen_head("Qwen3MoeForTokenClassification", 430)(num_labels=5)
     ids, mask, sides = make_batch(seed=44, seq_len=10, real_lengths=[10, 8, 5])
@@ -880,7 +891,7 @@ def build_qwen3_moe_token_cls():
 
 @fixture(
     "qwen3_moe_qa", "qwen3_moe", "qa",
-    "Qwen3MoeForQuestionAnswering (base_model_prefix 'transformer'), start/end positions, one ignored",
+    "Qwen3MoeForQuestionAnswering (2 layers (MoE, dense), head_dim 12; base_model_prefix 'transformer'), start/end positions, one ignored",
 )
 def build_qwen3_moe_qa():
     model = qwen_head("Qwen3MoeForQuestionAnswering", 440)()
@@ -896,7 +907,7 @@ def build_qwen3_moe_qa():
     )
 
 
-@fixture("qwen3_moe_base", "qwen3_moe", "base", "Qwen3MoeModel: last_hidden_state, hidden states, router logits")
+@fixture("qwen3_moe_base", "qwen3_moe", "base", "Qwen3MoeModel (2 layers (MoE, dense), head_dim 12): last_hidden_state, hidden states, router logits")
 def build_qwen3_moe_base():
     model = qwen_head("Qwen3MoeModel", 450)()
     ids, mask, sides = make_batch(seed=46, seq_len=10, real_lengths=[10, 8, 5])
@@ -927,9 +938,13 @@ def bloom_model(cls_name, seed, **overrides):
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(BloomConfig(**cfg)).eval()
-    perturb_(model, seed + 1, scales=(("query_key_value.weight", 0.2), ("word_embeddings.weight", 0.2)))
+    perturb_(model, seed + 1, matrix_scale=0.3, scales=(("word_embeddings.weight", 0.1),))
+    with torch.no_grad():  # a small embedding-LayerNorm gain: else a tied random model repeats its input token
+        model.base_model.word_embeddings_layernorm.weight.mul_(0.2)
     return model
 
+
+BLOOM_HEAD = {"hidden_size": 24}  # head fixtures: 6 heads of head_dim 4, to keep the files small
 
 BLOOM_LAYOUT = (
     "transformer.word_embeddings.weight, transformer.word_embeddings_layernorm.{weight,bias}, "
@@ -961,7 +976,7 @@ def bloom_meta(extra=None):
     "BloomForCausalLM, hidden 36, 6 heads (ALiBi, non power of two), 2 layers, labels, left-padded generation",
 )
 def build_bloom_causal_lm():
-    model = bloom_model("BloomForCausalLM", 500)
+    model = bloom_model("BloomForCausalLM", 590)
     ids, mask, sides = make_batch(seed=51, seq_len=11, real_lengths=[11, 8, 5])
     inputs = dict(input_ids=ids, attention_mask=mask, labels=causal_labels(ids, mask))
     arrays, info, out = run_forward(model, inputs)
@@ -976,20 +991,20 @@ def build_bloom_causal_lm():
 
 @fixture(
     "bloom_seq_cls", "bloom", "seq_cls",
-    "BloomForSequenceClassification, 3 labels, rows full / left-padded / right-padded",
+    "BloomForSequenceClassification (hidden 24, 6 heads), 3 labels, rows full / left-padded / right-padded",
 )
 def build_bloom_seq_cls():
     b = seq_cls_fixture(
-        lambda **cfg: bloom_model("BloomForSequenceClassification", 510, **cfg), "single_label_classification", 3, 52,
+        lambda **cfg: bloom_model("BloomForSequenceClassification", 510, **BLOOM_HEAD, **cfg), "single_label_classification", 3, 52,
         transformers.BloomForSequenceClassification, use_positions=False,
     )
     b["meta"].update(bloom_meta())
     return b
 
 
-@fixture("bloom_token_cls", "bloom", "token_cls", "BloomForTokenClassification (classifier.*), 5 labels")
+@fixture("bloom_token_cls", "bloom", "token_cls", "BloomForTokenClassification (hidden 24, 6 heads; classifier.*), 5 labels")
 def build_bloom_token_cls():
-    model = bloom_model("BloomForTokenClassification", 520, num_labels=5)
+    model = bloom_model("BloomForTokenClassification", 520, num_labels=5, **BLOOM_HEAD)
     ids, mask, sides = make_batch(seed=53, seq_len=10, real_lengths=[10, 8, 5])
     meta = bloom_meta({"num_labels": 5, "loss": TOKEN_CLS_LOSS, "head_bias": True})
     return head_fixture(
@@ -998,9 +1013,9 @@ def build_bloom_token_cls():
     )
 
 
-@fixture("bloom_qa", "bloom", "qa", "BloomForQuestionAnswering (qa_outputs.*), start/end positions, one ignored")
+@fixture("bloom_qa", "bloom", "qa", "BloomForQuestionAnswering (hidden 24, 6 heads; qa_outputs.*), start/end positions, one ignored")
 def build_bloom_qa():
-    model = bloom_model("BloomForQuestionAnswering", 530)
+    model = bloom_model("BloomForQuestionAnswering", 530, **BLOOM_HEAD)
     ids, mask, sides = make_batch(seed=54, seq_len=10, real_lengths=[10, 8, 5])
     return head_fixture(
         model, ids, mask, sides, qa_labels(ids, mask), bloom_meta({"loss": QA_LOSS}),
@@ -1008,9 +1023,9 @@ def build_bloom_qa():
     )
 
 
-@fixture("bloom_base", "bloom", "base", "BloomModel (keys without the 'transformer.' prefix, like Hub checkpoints)")
+@fixture("bloom_base", "bloom", "base", "BloomModel (hidden 24, 6 heads; keys without the 'transformer.' prefix, like Hub checkpoints)")
 def build_bloom_base():
-    model = bloom_model("BloomModel", 540)
+    model = bloom_model("BloomModel", 540, **BLOOM_HEAD)
     ids, mask, sides = make_batch(seed=55, seq_len=10, real_lengths=[10, 8, 5])
     return head_fixture(model, ids, mask, sides, {}, bloom_meta(), transformers.BloomModel, use_positions=False)
 
@@ -1236,7 +1251,9 @@ def build_phi3_su():
         cfg["torch_dtype"] = cfg.pop("dtype")
         (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(("generate", "generated", "single_"))}
     meta = copy.deepcopy(meta)
+    meta.pop("generation")
     meta["config_style"] = "hub legacy: rope_scaling {'type': 'su', short_factor, long_factor}, top-level rope_theta"
     meta["notes"].append(
         "'su' is the old name of longrope. transformers 5.23 maps rope_type 'su' -> 'longrope' (Phi3Config."
@@ -1293,7 +1310,13 @@ def gemma_config(**overrides):
 def gemma_model(cls_name, seed, **overrides):
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(gemma_config(**overrides)).eval()
-    perturb_(model, seed + 1, scales=(("embed_tokens", 0.4),))
+    # a large embedding makes the final soft cap bite (logits reach ~cap); large post-norm gains keep the
+    # blocks, not the token's own (tied) embedding, in charge of the residual stream
+    perturb_(model, seed + 1, matrix_scale=0.2, scales=(("embed_tokens", 0.4),))
+    with torch.no_grad():
+        for layer in model.base_model.layers:
+            layer.post_attention_layernorm.weight.add_(3.0)
+            layer.post_feedforward_layernorm.weight.add_(3.0)
     return model
 
 
@@ -1460,12 +1483,16 @@ def make_rope_reference():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
     arrays, entries = {}, []
     for name, cfg_kwargs, rope, seq_lens in ROPE_CASES:
         config = LlamaConfig(**cfg_kwargs, rope_parameters=copy.deepcopy(rope))
         rope_type = config.rope_parameters["rope_type"]
-        if rope_type == "default":
+        if rope_type == "default" and "partial_rotary_factor" in rope:
+            # Llama's default ignores partial_rotary_factor; Phi-3's honours it
+            fn, fn_name = Phi3RotaryEmbedding.compute_default_rope_parameters, "Phi3RotaryEmbedding.compute_default_rope_parameters"
+        elif rope_type == "default":
             fn, fn_name = LlamaRotaryEmbedding.compute_default_rope_parameters, "LlamaRotaryEmbedding.compute_default_rope_parameters"
         else:
             fn, fn_name = ROPE_INIT_FUNCTIONS[rope_type], f"ROPE_INIT_FUNCTIONS[{rope_type!r}]"
@@ -1498,7 +1525,9 @@ def make_rope_reference():
         "npz": "<key>__inv_freq (float32, (rotary_dim/2,)) and <key>__attention_scaling (float32 scalar); "
         "key = name or name__seq_len_<n>",
         "notes": [
-            "Config class: LlamaConfig (head_dim given explicitly; dim = head_dim * partial_rotary_factor).",
+            "Config class: LlamaConfig (head_dim given explicitly; dim = head_dim * partial_rotary_factor). "
+            "'default' with partial_rotary_factor uses Phi3RotaryEmbedding.compute_default_rope_parameters "
+            "(LlamaRotaryEmbedding's ignores partial_rotary_factor).",
             "dynamic: seq_len None or <= max_position_embeddings is replaced by max_position_embeddings "
             "(no change below it); base = theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2)).",
             "longrope: short_factor iff seq_len is None or seq_len <= original_max_position_embeddings, else "
@@ -1556,13 +1585,16 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # bitwise-reproducible float sums on one machine
     OUT.mkdir(parents=True, exist_ok=True)
+    problems = []
     for name in names:
         if name == "rope_reference":
             make_rope_reference()
         else:
-            write_fixture(name, REGISTRY[name]["fn"]())
+            problems += write_fixture(name, REGISTRY[name]["fn"]())
         print(f"wrote {name}", file=sys.stderr)
     write_manifest()
+    if problems:
+        sys.exit("\n".join(problems))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ GGUF (Q4_K_M), for minilm's tests to compare against without importing torch.
 Run with the oracle environment (torch + transformers), after placing the GGUF with the runtime one:
 
     /work/venv/bin/python -c "from minilm.default_model import default_model_path; print(default_model_path())"
-    PYTHONPATH=. /work/fxvenv/bin/python scripts/make_real_model_reference.py [--gguf PATH]
+    /work/fxvenv/bin/python scripts/make_real_model_reference.py [--gguf PATH]
 
 It records:
   - versions of transformers / torch / tokenizers / gguf, and the GGUF's SHA-256;
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -128,6 +129,11 @@ def tokenizer_records(tokenizer) -> list[dict]:
     return records
 
 
+def sample_indices(size: int) -> np.ndarray:
+    """8 flat indices spread over a tensor, first and last included (the tests recompute them)."""
+    return np.linspace(0, size - 1, 8).round().astype(np.int64)
+
+
 def tensor_checksums(model) -> dict:
     """Shape, float64 sum and 8 spread-out float32 values of every weight (lm_head is tied)."""
     checksums = {}
@@ -136,12 +142,10 @@ def tensor_checksums(model) -> dict:
             continue
         values = tensor.detach().float().numpy()
         flat = values.reshape(-1)
-        picks = np.linspace(0, flat.size - 1, 8).round().astype(np.int64)
         checksums[name] = {
             "shape": list(values.shape),
             "sum": float(values.astype(np.float64).sum()),
-            "sample_index": picks.tolist(),
-            "sample": [float(v) for v in flat[picks]],
+            "sample": [float(v) for v in flat[sample_indices(flat.size)]],
         }
     return checksums
 
@@ -212,6 +216,17 @@ def generation_records(model, tokenizer) -> list[dict]:
     return records
 
 
+def compact_json(value, depth: int = 0) -> str:
+    """JSON with one line per dict entry but every list of plain values on a single line."""
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(value, dict):
+        entries = [f"{inner}{json.dumps(key)}: {compact_json(item, depth + 1)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(entries) + "\n" + pad + "}"
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        return "[\n" + ",\n".join(inner + compact_json(item, depth + 1) for item in value) + "\n" + pad + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=pathlib.Path, default=default_gguf_path())
@@ -223,7 +238,6 @@ def main() -> None:
     import tokenizers
     import torch
     import transformers
-    import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -242,7 +256,7 @@ def main() -> None:
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "tokenizers": tokenizers.__version__,
-            "gguf": getattr(gguf, "__version__", "unknown"),
+            "gguf": importlib.metadata.version("gguf"),
             "python": platform.python_version(),
         },
         "gguf": {"file": file_name, "sha256": sha256_of(args.gguf)},
@@ -274,7 +288,7 @@ def main() -> None:
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(reference, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    args.output.write_text(compact_json(reference) + "\n", encoding="utf-8")
     print(f"wrote {args.output} ({args.output.stat().st_size / 1024:.0f} KiB)")
 
 

@@ -14,7 +14,10 @@ What Gemma 3 changes against a Llama-style decoder (transformers' `modular_gemma
                        rope_local_base_freq, no scaling) or "full_attention" (RoPE base rope_theta,
                        with rope_scaling); 270M: five sliding layers, then one global, repeated
     sandwich norms     h = x + norm(attn(norm(x)));  out = h + norm(mlp(norm(h)))
-    soft caps          final_logit_softcapping in the LM head only: cap * tanh(logits / cap)
+    soft caps          final_logit_softcapping in the LM head only: cap * tanh(logits / cap);
+                       attn_logit_softcapping is read but, as in transformers, not applied
+                       unless apply_attn_logit_softcapping (keras-hub's attention_logit_soft_cap)
+    KV cache           sliding layers keep only their window (SlidingWindowCache, a ring buffer)
 
 Axes: batch, seq, kv_seq (keys the layer attends to), hidden_size, num_heads
 (num_attention_heads), num_kv_heads (num_key_value_heads), head_dim, vocab_size.
@@ -279,7 +282,8 @@ def gemma3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None,
         x = inputs_embeds.astype(p.norm.weight.dtype)  # used as given (transformers does not scale them)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
-    rope = {kind: rope_cos_sin(position_ids, *layer_type_rope(cfg, kind, past + seq))  # (batch, seq, head_dim) x2
+    seq_len = int(np.max(position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
+    rope = {kind: rope_cos_sin(position_ids, *layer_type_rope(cfg, kind, seq_len))  # (batch, seq, head_dim) x2
             for kind in sorted(set(cfg.layer_types))}
     q_idx = np.arange(past, past + seq)  # the queries' columns in attention_mask (and cache slots)
 

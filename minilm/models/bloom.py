@@ -1,0 +1,331 @@
+"""BLOOM (BigScience, 2022): a decoder-only transformer with ALiBi instead of position embeddings.
+
+Read top to bottom: config -> ALiBi (slopes, bias) -> attention (fused, per-head interleaved
+QKV) -> MLP (tanh GELU) -> block -> model -> heads -> keras-hub-style backbone.
+
+What BLOOM does differently from GPT-2:
+  - no position embeddings: each head adds slope_h * (position of the key) to its scores (ALiBi,
+    Press et al., 2022); key positions come from cumsum(attention_mask), so left padding shifts
+    nothing;
+  - a LayerNorm right after the word embeddings (word_embeddings_layernorm);
+  - the fused query_key_value weight is interleaved per head: its rows are (n_head, 3, head_dim),
+    i.e. [q_0 k_0 v_0 q_1 k_1 v_1 ...], not three contiguous blocks. The model keeps the tensor
+    in that shape, fixed once at load; saving writes the (3 * hidden_size, hidden_size) layout back.
+
+Axes: batch, seq, kv_seq (past + seq), hidden_size, num_heads (n_head), head_dim
+(hidden_size // n_head). The MLP is always 4 * hidden_size wide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .. import nn, ops
+from ..backbone import Backbone
+from ..cache import KVCache
+from ..config import PretrainedConfig, check_positive
+from ..errors import CheckpointError, ConfigError
+from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
+from ..modeling import BaseModel, ModelOutput, check_model_inputs
+
+# ---------------------------------------------------------------------------------------------
+# Config (transformers' BloomConfig names and defaults)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BloomConfig(PretrainedConfig):
+    model_type = "bloom"
+
+    vocab_size: int = 250880
+    hidden_size: int = 64  # Hub configs often spell it n_embed
+    n_layer: int = 2  # also read as num_hidden_layers
+    n_head: int = 8  # also read as num_attention_heads
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+    apply_residual_connection_post_layernorm: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    pretraining_tp: int = 1  # tensor-parallel slicing of the output matmuls: same sums, inference ignores it
+    slow_but_exact: bool = False
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def _rename_legacy_keys(cls, d):
+        """Hub BLOOM configs say n_embed (and some num_attention_heads / num_hidden_layers, which
+        transformers maps onto n_head / n_layer)."""
+        for old, new in (("n_embed", "hidden_size"), ("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer")):
+            if old in d:
+                value = d.pop(old)
+                d.setdefault(new, value)
+        return d
+
+    def validate(self):
+        super().validate()
+        check_positive(self, "vocab_size", "hidden_size", "n_layer", "n_head")
+        if self.hidden_size % self.n_head:
+            raise ConfigError(f"BloomConfig: hidden_size={self.hidden_size} is not divisible by "
+                              f"n_head={self.n_head} (head_dim = hidden_size / n_head must be an integer)")
+
+    @property
+    def num_hidden_layers(self):
+        return self.n_layer
+
+    @property
+    def num_attention_heads(self):
+        return self.n_head
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.n_head
+
+
+# ---------------------------------------------------------------------------------------------
+# ALiBi: a linear bias per head instead of position embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads):
+    """The head slopes m_h of ALiBi, (num_heads,) float32.
+
+    For n a power of two, a geometric series starting at and stepping by 2^(-8/n):
+        n = 8:  1/2, 1/4, 1/8, ..., 1/256
+    Otherwise the series of the closest smaller power of two c, then every other term of the
+    series for 2c (its odd powers), interleaving the two:
+        n = 6:  c = 4: 2^-2, 2^-4, 2^-6, 2^-8;  then 2^-1, 2^-3 (from 2c = 8)
+    """
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))  # 2^(-8/closest)
+    slopes = _powers(base, np.arange(1, 1 + closest))
+    if closest != num_heads:
+        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))  # 2^(-4/closest)
+        remaining = min(closest, num_heads - closest)
+        slopes = np.concatenate([slopes, _powers(extra_base, np.arange(1, 1 + 2 * remaining, 2))])
+    return slopes
+
+
+def _powers(base, exponents):
+    """base ** exponents for a float32 base, rounded once to float32."""
+    return (np.float64(base) ** exponents).astype(np.float32)
+
+
+def alibi_bias(attention_mask, num_heads):
+    """The ALiBi term added to the attention scores: slope_h * (position of key k).
+
+    Positions count real tokens only, (cumsum(mask) - 1) * mask, so a left-padded row starts at
+    0 like an unpadded one. The bias depends on the key alone: softmax is shift-invariant per
+    query, so this equals the paper's -m_h * (q - k) on every visible key.
+
+        mask  0 0 1 1 1   ->  positions  0 0 0 1 2   ->  head h:  m_h * [0 0 0 1 2]
+
+    attention_mask: (batch, kv_seq) 0/1 -> (batch, num_heads, 1, kv_seq) float32
+    """
+    mask = np.asarray(attention_mask).astype(np.int64)
+    positions = (np.cumsum(mask, axis=-1) - 1) * mask  # (batch, kv_seq)
+    return alibi_slopes(num_heads)[None, :, None, None] * positions[:, None, None, :].astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def self_attention(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
+    """x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), attention weights or None"""
+    b, s, hidden = x.shape
+    h, d = cfg.n_head, cfg.head_dim
+    w = p.query_key_value.weight  # (num_heads, 3, head_dim, hidden_size): per head, q k v rows
+    qkv = ops.linear(x, w.reshape(3 * hidden, hidden), p.query_key_value.bias.reshape(3 * hidden))  # (batch, seq, 3 * hidden_size)
+    qkv = qkv.reshape(b, s, h, 3, d).transpose(3, 0, 2, 1, 4)  # (3, batch, num_heads, seq, head_dim)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (batch, num_heads, seq, head_dim) each
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # (batch, num_heads, kv_seq, head_dim)
+    # scores = q k^T / sqrt(head_dim) + slope_h * key position, then the causal / padding mask
+    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, bias=alibi, return_weights=output_attentions)
+    return ops.linear(nn.merge_heads(out), p.dense.weight, p.dense.bias), weights
+
+
+def mlp(x, p):
+    """dense_4h_to_h(gelu_tanh(dense_h_to_4h(x))). (..., hidden_size) -> (..., hidden_size)"""
+    return ops.linear(nn.gelu_tanh(ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias)),
+                      p.dense_4h_to_h.weight, p.dense_4h_to_h.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block and model
+# ---------------------------------------------------------------------------------------------
+
+
+def bloom_block(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
+    """Pre-LayerNorm residual block. The residual is x, or the normed x when
+    apply_residual_connection_post_layernorm (no released checkpoint sets it)."""
+    eps = cfg.layer_norm_epsilon
+    normed = nn.layer_norm(x, p.input_layernorm.weight, p.input_layernorm.bias, eps)
+    residual = normed if cfg.apply_residual_connection_post_layernorm else x
+    attn_out, weights = self_attention(normed, p.self_attention, cfg, layer_idx, alibi, mask, cache, output_attentions)
+    h = residual + attn_out
+    normed = nn.layer_norm(h, p.post_attention_layernorm.weight, p.post_attention_layernorm.bias, eps)
+    residual = normed if cfg.apply_residual_connection_post_layernorm else h
+    return residual + mlp(normed, p.mlp), weights
+
+
+def bloom_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
+    """The backbone: embeddings -> LayerNorm -> blocks -> final LayerNorm. position_ids are
+    accepted and ignored: ALiBi takes positions from the attention mask."""
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
+        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
+    if use_cache and past_key_values is None:
+        past_key_values = KVCache(cfg.n_layer)
+    x = p.word_embeddings.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.ln_f.weight.dtype)
+    x = nn.layer_norm(x, p.word_embeddings_layernorm.weight, p.word_embeddings_layernorm.bias, cfg.layer_norm_epsilon)
+    keys_mask = np.ones((batch, past + seq), np.int64) if attention_mask is None else attention_mask
+    alibi = alibi_bias(keys_mask, cfg.n_head).astype(x.dtype)  # (batch, num_heads, 1, kv_seq)
+    mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq))
+
+    all_hidden, all_attentions = [], []
+    for layer_idx, layer in enumerate(p.h):
+        all_hidden.append(x)
+        x, weights = bloom_block(x, layer, cfg, layer_idx, alibi, mask, past_key_values, output_attentions)
+        all_attentions.append(weights)
+    x = nn.layer_norm(x, p.ln_f.weight, p.ln_f.bias, cfg.layer_norm_epsilon)  # (batch, seq, hidden_size)
+    all_hidden.append(x)
+    return ModelOutput(
+        last_hidden_state=x,
+        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+        hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        attentions=tuple(all_attentions) if output_attentions else None,
+    )
+
+
+def bloom_shapes(cfg):
+    """Every tensor of the backbone, named as in Hugging Face checkpoints; query_key_value in
+    the model's (num_heads, 3, head_dim, ...) view."""
+    hidden, h, d = cfg.hidden_size, cfg.n_head, cfg.head_dim
+    shapes = {
+        "word_embeddings.weight": (cfg.vocab_size, hidden),
+        "word_embeddings_layernorm.weight": (hidden,), "word_embeddings_layernorm.bias": (hidden,),
+        "ln_f.weight": (hidden,), "ln_f.bias": (hidden,),
+    }
+    for i in range(cfg.n_layer):
+        L = f"h.{i}."
+        shapes.update({
+            L + "input_layernorm.weight": (hidden,), L + "input_layernorm.bias": (hidden,),
+            L + "self_attention.query_key_value.weight": (h, 3, d, hidden),
+            L + "self_attention.query_key_value.bias": (h, 3, d),
+            L + "self_attention.dense.weight": (hidden, hidden), L + "self_attention.dense.bias": (hidden,),
+            L + "post_attention_layernorm.weight": (hidden,), L + "post_attention_layernorm.bias": (hidden,),
+            L + "mlp.dense_h_to_4h.weight": (4 * hidden, hidden), L + "mlp.dense_h_to_4h.bias": (4 * hidden,),
+            L + "mlp.dense_4h_to_h.weight": (hidden, 4 * hidden), L + "mlp.dense_4h_to_h.bias": (hidden,),
+        })
+    return shapes
+
+
+def view_qkv_per_head(tensors, cfg):
+    """Checkpoint -> model: query_key_value (3 * hidden_size, ...) viewed as (n_head, 3, head_dim, ...)."""
+    out = dict(tensors)
+    for name, value in tensors.items():
+        if name.endswith(("self_attention.query_key_value.weight", "self_attention.query_key_value.bias")):
+            if value.ndim == (4 if name.endswith("weight") else 3):
+                continue  # already in the model's view (a state_dict passed back in)
+            if value.shape[0] != 3 * cfg.hidden_size:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}; BLOOM's fused QKV needs "
+                                      f"{3 * cfg.hidden_size} = 3 * hidden_size rows")
+            out[name] = value.reshape(cfg.n_head, 3, cfg.head_dim, *value.shape[1:])
+    return out
+
+
+def fuse_qkv_rows(tensors, cfg):
+    """Model -> checkpoint: the (n_head, 3, head_dim, ...) view back to (3 * hidden_size, ...)."""
+    return {name: value.reshape(3 * cfg.hidden_size, *value.shape[3:]) if ".query_key_value." in name else value
+            for name, value in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face-style classes (every BLOOM head keeps the backbone under `transformer.`)
+# ---------------------------------------------------------------------------------------------
+
+
+class BloomModel(BaseModel):
+    """The bare BLOOM transformer: `model(input_ids).last_hidden_state`."""
+
+    config_class = BloomConfig
+    base_model_prefix = "transformer"
+    embedding_name = "word_embeddings.weight"
+    backbone_shapes = staticmethod(bloom_shapes)
+    backbone_forward = staticmethod(bloom_model)
+    convert_checkpoint = classmethod(lambda cls, tensors, cfg: view_qkv_per_head(tensors, cfg))
+    to_checkpoint = classmethod(lambda cls, tensors, cfg: fuse_qkv_rows(tensors, cfg))
+
+
+class BloomForCausalLM(ForCausalLM):
+    """Causal LM with the LM head tied to word_embeddings."""
+
+    config_class = BloomConfig
+    base_model_class = BloomModel
+    base_model_prefix = "transformer"
+
+
+class BloomForSequenceClassification(ForSequenceClassification):
+    """score.weight (no bias), read at the last non-pad token."""
+
+    config_class = BloomConfig
+    base_model_class = BloomModel
+    base_model_prefix = "transformer"
+
+
+class BloomForTokenClassification(ForTokenClassification):
+    """classifier.weight + classifier.bias (not `score` as in transformers' generic head)."""
+
+    config_class = BloomConfig
+    base_model_class = BloomModel
+    base_model_prefix = "transformer"
+    classifier_name = "classifier"
+
+
+class BloomForQuestionAnswering(ForQuestionAnswering):
+    """qa_outputs.weight + qa_outputs.bias."""
+
+    config_class = BloomConfig
+    base_model_class = BloomModel
+    base_model_prefix = "transformer"
+
+
+# ---------------------------------------------------------------------------------------------
+# keras-hub-style backbone
+# ---------------------------------------------------------------------------------------------
+
+
+class BloomBackbone(Backbone):
+    """keras-hub's BloomBackbone arguments on top of BloomModel. transformers' BLOOM fixes the MLP
+    at 4 * hidden_size, so intermediate_dim must be 4 * hidden_dim."""
+
+    model_class = BloomModel
+
+    def __init__(self, vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim, dropout=0.0,
+                 layer_norm_epsilon=1e-5, dtype=None, **kwargs):
+        if intermediate_dim != 4 * hidden_dim:
+            raise ConfigError(f"BloomBackbone: intermediate_dim={intermediate_dim} must be 4 * hidden_dim = "
+                              f"{4 * hidden_dim} (BLOOM checkpoints have no other MLP width)")
+        hf_config = BloomConfig(vocab_size=vocabulary_size, n_layer=num_layers, n_head=num_heads, hidden_size=hidden_dim,
+                                hidden_dropout=dropout, attention_dropout=dropout,
+                                layer_norm_epsilon=layer_norm_epsilon)
+        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
+
+    @classmethod
+    def from_hf_config(cls, c):
+        """keras-hub arguments for a BloomConfig; ConfigError for what keras-hub cannot express."""
+        if c.apply_residual_connection_post_layernorm:
+            raise ConfigError("BloomBackbone cannot express apply_residual_connection_post_layernorm=True "
+                              "(keras-hub's BLOOM adds the residual before the LayerNorm); use BloomModel")
+        return dict(vocabulary_size=c.vocab_size, num_layers=c.n_layer, num_heads=c.n_head, hidden_dim=c.hidden_size,
+                    intermediate_dim=4 * c.hidden_size, dropout=c.hidden_dropout,
+                    layer_norm_epsilon=c.layer_norm_epsilon)

@@ -1,0 +1,363 @@
+"""Phi-3 (Microsoft, 2024): a Llama-style decoder (RMSNorm, GQA, RoPE, SwiGLU) with fused
+projections and LongRoPE for long contexts.
+
+Read top to bottom: config -> RoPE for this call (short / long factors) -> attention -> MLP ->
+decoder layer -> model -> heads -> keras-hub-style backbone.
+
+Checkpoint layout, fixed once at load (and written back on save):
+  - self_attn.qkv_proj (num_heads * head_dim + 2 * num_kv_heads * head_dim, hidden_size): three
+    contiguous blocks q | k | v, split into q_proj / k_proj / v_proj;
+  - mlp.gate_up_proj (2 * intermediate_size, hidden_size): gate rows then up rows, split into
+    gate_proj / up_proj.
+
+LongRoPE (rope_scaling type "longrope", or "su" in the first Phi-3 configs; transformers' Phi-3
+also reads "yarn" as longrope) as transformers 5.23 runs it:
+  - one factor set per forward call: long_factor iff max(position_ids over the whole batch) + 1 >
+    original_max_position_embeddings, else short_factor (`dynamic_rope_update`). cos and sin are
+    multiplied by the same attention factor sqrt(1 + ln(s) / ln(original)), s = max / original,
+    for both sets. In a padded batch, a short row switches to long factors when the LONGEST row
+    crosses, so a row can generate differently in a batch than alone.
+  - a forward call does not re-rotate keys already in the cache. Generation therefore drops the
+    cache once (`Phi3ForCausalLM.prepare_inputs_for_generation`): at the first step where the
+    padded sequence holds >= original + 1 tokens while the cache holds <= original, the whole
+    sequence is run again without a cache, so every key is rotated with the long factors; from
+    then on the cache grows normally. transformers does this for every Phi-3 config (it only
+    asks whether original_max_position_embeddings exists), and so does `cache_is_stale` here.
+    Calling the model step by step yourself with a cache built on short factors mixes the two
+    sets, exactly as in transformers.
+
+Axes: batch, seq, kv_seq (past + seq), hidden_size, num_heads (num_attention_heads), num_kv_heads
+(num_key_value_heads), head_dim (hidden_size // num_heads), rope_dim (head_dim *
+partial_rotary_factor), intermediate_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import nn, ops
+from ..backbone import Backbone
+from ..cache import KVCache
+from ..config import PretrainedConfig, check_positive
+from ..errors import CheckpointError, ConfigError
+from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
+from ..modeling import BaseModel, ModelOutput, check_model_inputs
+from ..rope import apply_rope, check_rope_scaling, compute_inv_freq, rope_cos_sin, rope_type
+
+# ---------------------------------------------------------------------------------------------
+# Config (transformers' Phi3Config names and defaults)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Phi3Config(PretrainedConfig):
+    model_type = "phi3"
+
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: num_attention_heads
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096  # where longrope switches from short to long factors
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "longrope", "short_factor": [...], "long_factor": [...]}
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: 0.75
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 32000
+    pad_token_id: int | None = 32000
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.rope_scaling = _longrope_spelling(self.rope_scaling)
+        super().__post_init__()
+
+    def validate(self):
+        super().validate()
+        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                       "original_max_position_embeddings")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"Phi3Config: hidden_size={self.hidden_size} is not divisible by "
+                              f"num_attention_heads={self.num_attention_heads} (head_dim must be an integer)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"Phi3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(f"Phi3Config: partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]")
+        if self.sliding_window is not None:
+            check_positive(self, "sliding_window")
+        if rope_type(self.rope_scaling) not in ("default", "longrope"):
+            raise ConfigError(f"Phi3Config: rope_scaling type {rope_type(self.rope_scaling)!r} is not one Phi-3 "
+                              "supports (longrope, also spelled su)")
+        check_rope_scaling(self)
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+def _longrope_spelling(scaling):
+    """Phi-3's rope_scaling spellings -> {"rope_type": "longrope", ...} (or None for plain RoPE):
+    {"type": "su"} (Phi-3 at release), {"type": "longrope"}, {"rope_type": "longrope"}, and
+    "yarn", which transformers' Phi3Config also renames to longrope."""
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    kind = scaling.pop("type", None)
+    kind = scaling.get("rope_type", kind)
+    if kind in (None, "default"):
+        return None
+    scaling["rope_type"] = "longrope" if kind in ("su", "yarn", "longrope") else kind
+    return scaling
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE for one forward call: short or long factors by the largest position
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_for_call(cfg, position_ids):
+    """cos, sin (batch, seq, rope_dim) for this call's positions. The rope functions get
+    seq_len = max(position_ids) + 1 over the whole batch: longrope picks its factor set from it.
+
+        original = 4:  positions 0..3 -> short factors;  any position >= 4 in the call -> long
+    """
+    seq_len = int(np.max(position_ids)) + 1
+    return rope_cos_sin(position_ids, *compute_inv_freq(cfg, seq_len=seq_len))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
+    """Grouped-query attention with RoPE. x: (batch, seq, hidden_size) -> (batch, seq, hidden_size)"""
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = nn.split_heads(ops.linear(x, p.q_proj.weight), h, d)  # (batch, num_heads, seq, head_dim)
+    k = nn.split_heads(ops.linear(x, p.k_proj.weight), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    v = nn.split_heads(ops.linear(x, p.v_proj.weight), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the first rope_dim dimensions rotate
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
+    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, return_weights=output_attentions)
+    return ops.linear(nn.merge_heads(out), p.o_proj.weight), weights
+
+
+def mlp(x, p, cfg):
+    """Gated MLP (SwiGLU): down(act(gate(x)) * up(x)). (..., hidden_size) -> (..., hidden_size)"""
+    act = nn.activation(cfg.hidden_act)
+    return ops.linear(act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight), p.down_proj.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder layer and model
+# ---------------------------------------------------------------------------------------------
+
+
+def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
+    """Pre-norm residual block: h = x + attn(norm(x)), then h + mlp(norm(h))."""
+    attn_out, weights = attention(nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps), p.self_attn, cfg,
+                                  layer_idx, cos, sin, mask, cache, output_attentions)
+    h = x + attn_out
+    return h + mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg), weights
+
+
+def phi3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+               inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
+    """The backbone: embeddings -> decoder layers -> final RMSNorm."""
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
+        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
+    if use_cache and past_key_values is None:
+        past_key_values = KVCache(cfg.num_hidden_layers)
+    x = p.embed_tokens.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.norm.weight.dtype)
+    if position_ids is None:
+        position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
+    cos, sin = rope_for_call(cfg, position_ids)  # (batch, seq, rope_dim)
+    mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.sliding_window)
+
+    all_hidden, all_attentions = [], []
+    for layer_idx, layer in enumerate(p.layers):
+        all_hidden.append(x)
+        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, past_key_values, output_attentions)
+        all_attentions.append(weights)
+    x = nn.rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    all_hidden.append(x)
+    return ModelOutput(
+        last_hidden_state=x,
+        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+        hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        attentions=tuple(all_attentions) if output_attentions else None,
+    )
+
+
+def phi3_shapes(cfg):
+    """Every tensor of the backbone in the model's layout (q/k/v and gate/up split)."""
+    h, d, m = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_rows, kv_rows = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    for i in range(cfg.num_hidden_layers):
+        L = f"layers.{i}."
+        shapes.update({
+            L + "input_layernorm.weight": (h,),
+            L + "post_attention_layernorm.weight": (h,),
+            L + "self_attn.q_proj.weight": (q_rows, h),
+            L + "self_attn.k_proj.weight": (kv_rows, h),
+            L + "self_attn.v_proj.weight": (kv_rows, h),
+            L + "self_attn.o_proj.weight": (h, q_rows),
+            L + "mlp.gate_proj.weight": (m, h),
+            L + "mlp.up_proj.weight": (m, h),
+            L + "mlp.down_proj.weight": (h, m),
+        })
+    return shapes
+
+
+def split_fused(tensors, cfg):
+    """Checkpoint -> model: qkv_proj rows [q | k | v] -> q_proj, k_proj, v_proj; gate_up_proj
+    rows [gate | up] -> gate_proj, up_proj."""
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            _check_rows(name, value, q_rows + 2 * kv_rows, "num_heads * head_dim + 2 * num_kv_heads * head_dim")
+            prefix = name[: -len("qkv_proj.weight")]
+            out[prefix + "q_proj.weight"] = value[:q_rows]
+            out[prefix + "k_proj.weight"] = value[q_rows : q_rows + kv_rows]
+            out[prefix + "v_proj.weight"] = value[q_rows + kv_rows :]
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            _check_rows(name, value, 2 * cfg.intermediate_size, "2 * intermediate_size")
+            prefix = name[: -len("gate_up_proj.weight")]
+            out[prefix + "gate_proj.weight"] = value[: cfg.intermediate_size]
+            out[prefix + "up_proj.weight"] = value[cfg.intermediate_size :]
+        else:
+            out[name] = value
+    return out
+
+
+def _check_rows(name, value, rows, formula):
+    if value.ndim != 2 or value.shape[0] != rows:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}; the config gives {formula} = {rows} rows")
+
+
+def fuse_projections(tensors, cfg):
+    """Model -> checkpoint: the inverse of split_fused (what save_pretrained writes)."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith("self_attn.q_proj.weight"):
+            prefix = name[: -len("q_proj.weight")]
+            out[prefix + "qkv_proj.weight"] = np.concatenate(
+                [value, tensors[prefix + "k_proj.weight"], tensors[prefix + "v_proj.weight"]])
+        elif name.endswith("mlp.gate_proj.weight"):
+            prefix = name[: -len("gate_proj.weight")]
+            out[prefix + "gate_up_proj.weight"] = np.concatenate([value, tensors[prefix + "up_proj.weight"]])
+        elif not name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face-style classes
+# ---------------------------------------------------------------------------------------------
+
+
+class Phi3Model(BaseModel):
+    """The bare Phi-3 transformer: `model(input_ids).last_hidden_state`."""
+
+    config_class = Phi3Config
+    backbone_shapes = staticmethod(phi3_shapes)
+    backbone_forward = staticmethod(phi3_model)
+    convert_checkpoint = classmethod(lambda cls, tensors, cfg: split_fused(tensors, cfg))
+    to_checkpoint = classmethod(lambda cls, tensors, cfg: fuse_projections(tensors, cfg))
+
+
+class Phi3ForCausalLM(ForCausalLM):
+    """Causal LM (untied lm_head unless tie_word_embeddings, as in Phi-4-mini)."""
+
+    config_class = Phi3Config
+    base_model_class = Phi3Model
+
+    def cache_is_stale(self, cache, total_length):
+        """transformers' Phi3ForCausalLM.prepare_inputs_for_generation: drop the cache (and re-run
+        everything, now with long factors) at the first step where the padded sequence reaches
+        original + 1 tokens while the cache still holds <= original of them."""
+        original = self.config.original_max_position_embeddings
+        return total_length >= original + 1 and cache.get_seq_length() <= original
+
+
+class Phi3ForSequenceClassification(ForSequenceClassification):
+    config_class = Phi3Config
+    base_model_class = Phi3Model
+
+
+class Phi3ForTokenClassification(ForTokenClassification):
+    config_class = Phi3Config
+    base_model_class = Phi3Model
+
+
+# ---------------------------------------------------------------------------------------------
+# keras-hub-style backbone
+# ---------------------------------------------------------------------------------------------
+
+
+class Phi3Backbone(Backbone):
+    """keras-hub's Phi3Backbone arguments on top of Phi3Model. rope_scaling_type None is plain
+    RoPE; "su" (keras-hub's name) or "longrope" takes the short and long factors."""
+
+    model_class = Phi3Model
+
+    def __init__(self, vocabulary_size, num_layers, hidden_dim, intermediate_dim, num_query_heads, num_key_value_heads,
+                 layer_norm_epsilon=1e-6, dropout=0, max_sequence_length=4096, pretraining_sequence_length=4096,
+                 rope_max_wavelength=10000, rope_scaling_type=None, rope_scaling_short_factor=None,
+                 rope_scaling_long_factor=None, dtype=None, **kwargs):
+        if rope_scaling_type is None:
+            scaling = None
+        elif rope_scaling_type in ("su", "longrope"):
+            scaling = {"rope_type": "longrope", "short_factor": list(rope_scaling_short_factor or []),
+                       "long_factor": list(rope_scaling_long_factor or [])}
+        else:
+            raise ConfigError(f"Phi3Backbone: rope_scaling_type={rope_scaling_type!r}; use None or 'su'")
+        hf_config = Phi3Config(
+            vocab_size=vocabulary_size, num_hidden_layers=num_layers, hidden_size=hidden_dim,
+            intermediate_size=intermediate_dim, num_attention_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads, rms_norm_eps=layer_norm_epsilon, attention_dropout=dropout,
+            resid_pdrop=dropout, max_position_embeddings=max_sequence_length,
+            original_max_position_embeddings=pretraining_sequence_length, rope_theta=rope_max_wavelength,
+            rope_scaling=scaling)
+        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
+
+    @classmethod
+    def from_hf_config(cls, c):
+        """keras-hub arguments for a Phi3Config; ConfigError for what keras-hub cannot express."""
+        scaling = c.rope_scaling or {}
+        problems = []
+        if c.partial_rotary_factor != 1.0:
+            problems.append(f"partial_rotary_factor={c.partial_rotary_factor}")
+        if c.sliding_window is not None:
+            problems.append(f"sliding_window={c.sliding_window}")
+        if scaling.keys() & {"factor", "attention_factor"}:
+            problems.append(f"rope_scaling sets {sorted(scaling.keys() & {'factor', 'attention_factor'})}")
+        if problems:
+            raise ConfigError("Phi3Backbone cannot express this Phi3Config: " + "; ".join(problems))
+        return dict(
+            vocabulary_size=c.vocab_size, num_layers=c.num_hidden_layers, hidden_dim=c.hidden_size,
+            intermediate_dim=c.intermediate_size, num_query_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads, layer_norm_epsilon=c.rms_norm_eps, dropout=c.attention_dropout,
+            max_sequence_length=c.max_position_embeddings,
+            pretraining_sequence_length=c.original_max_position_embeddings, rope_max_wavelength=c.rope_theta,
+            rope_scaling_type="su" if scaling else None,
+            rope_scaling_short_factor=scaling.get("short_factor"), rope_scaling_long_factor=scaling.get("long_factor"))
