@@ -134,6 +134,10 @@ _MASKED_SOFTMAX_SOURCE = r"""
 // bias: float32, element strides (bias_sb, bias_sh, bias_si, bias_sj) of its
 //       (batch, num_heads, seq, kv_seq) view (zero strides where it broadcasts)
 
+// Infinities without <math.h> (NVRTC compiles without the C headers)
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
 __device__ float block_reduce(float value, float* shared, bool take_max) {
     shared[threadIdx.x] = value;
     __syncthreads();
@@ -165,10 +169,10 @@ extern "C" __global__ void masked_softmax(
     float* w_row = weights + row * kv_seq;
 
     // 1. transformed scores (-inf where masked), their max, and whether any key is visible
-    float local_max = -INFINITY;
+    float local_max = NEG_INF;
     float local_visible = 0.0f;
     for (int j = threadIdx.x; j < kv_seq; j += blockDim.x) {
-        float s = -INFINITY;
+        float s = NEG_INF;
         if (!has_mask || mask[b * mask_sb + i * mask_si + j * mask_sj]) {
             s = s_row[j] * scale;
             if (has_cap) s = cap * tanhf(s / cap);
@@ -183,7 +187,7 @@ extern "C" __global__ void masked_softmax(
         for (int j = threadIdx.x; j < kv_seq; j += blockDim.x) w_row[j] = 0.0f;
         row_max = 0.0f;
     }
-    if (!isfinite(row_max)) row_max = 0.0f;
+    if (!(fabsf(row_max) < POS_INF)) row_max = 0.0f;  // not finite (inf or NaN) -> 0, as nn.softmax
 
     // 2. exponentials and their sum (each thread revisits the columns it wrote)
     float local_sum = 0.0f;

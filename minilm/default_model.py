@@ -96,6 +96,7 @@ def join_atomically(chunks: list[pathlib.Path], target: pathlib.Path, expected_s
             out.flush()
             os.fsync(out.fileno())
         _verify(temp_path, expected_size, digest.hexdigest(), expected_sha256)
+        os.chmod(temp_path, 0o644)  # mkstemp makes it private (0600); a model file is not secret
         os.replace(temp_path, target)
     except BaseException:
         temp_path.unlink(missing_ok=True)

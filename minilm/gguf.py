@@ -82,6 +82,11 @@ def _nibbles(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([packed & 0x0F, packed >> 4], axis=1)
 
 
+def _nibbles_interleaved(packed: np.ndarray) -> np.ndarray:
+    """Nibbles in byte order, low then high of each byte. (n_blocks, k) -> (n_blocks, 2 * k)"""
+    return np.stack([packed & 0x0F, packed >> 4], axis=2).reshape(packed.shape[0], -1)
+
+
 def _bits(packed: np.ndarray, count: int) -> np.ndarray:
     """Bit i of a little-endian bit field, for i < count. (n_blocks, nbytes) -> (n_blocks, count)"""
     bits = np.unpackbits(packed, axis=1, bitorder="little")  # (n_blocks, 8 * nbytes)
@@ -134,8 +139,9 @@ def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
     (n_blocks, 34) uint8 -> (n_blocks, 32) float32
     """
     d = _f16(blocks, 0)  # (n_blocks, 1)
-    q = blocks[:, 2:].view(np.int8).astype(np.float32)  # (n_blocks, 32)
-    return q * d
+    w = blocks[:, 2:].view(np.int8).astype(np.float32)  # (n_blocks, 32), q as float
+    w *= d  # in place: the embedding alone is 167M values
+    return w
 
 
 def dequantize_q4_0(blocks: np.ndarray) -> np.ndarray:
@@ -418,11 +424,6 @@ def dequantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # (n_blocks, sub_block, 32)
     levels = IQ4_NL_VALUES[codes].astype(np.float32)  # (n_blocks, 8, 32)
     return (sub_scale[:, :, None] * levels).reshape(-1, QK_K)
-
-
-def _nibbles_interleaved(packed: np.ndarray) -> np.ndarray:
-    """Nibbles in byte order, low then high of each byte. (n_blocks, k) -> (n_blocks, 2 * k)"""
-    return np.stack([packed & 0x0F, packed >> 4], axis=2).reshape(packed.shape[0], -1)
 
 
 # ggml type name -> function (n_blocks, bytes_per_block) uint8 -> (n_blocks, values_per_block) float32

@@ -13,15 +13,16 @@ Each variant is one pure function `(config, seq_len=None, base=None, scaling=Non
 `inv_freq` (rope_dim // 2,) float32 are the rotation speeds of the dimension pairs;
 `attention_scaling` multiplies cos and sin (1.0 except for yarn and longrope). `seq_len` matters
 only to `dynamic` and `longrope`: transformers passes max(position_ids) + 1 of the current
-forward call (its `dynamic_rope_update`), and models here do the same through `compute_inv_freq`.
-(transformers' dynamic rope also remembers the longest length seen until a call falls back under
-max_position_embeddings; the pure function here uses the current call's length only.)
+forward call (its `dynamic_rope_update`), and `rope_for_positions` does the same. (transformers'
+dynamic rope also remembers the longest length seen until a call falls back under
+max_position_embeddings; the pure functions here use the current call's length only.)
 
 Float32 as in transformers. torch's float32 `pow` is not correctly rounded (its vectorised and
 scalar paths differ by one ulp), so the powers here are computed exactly and rounded once: the
 results agree with transformers' ROPE_INIT_FUNCTIONS to a few ulp.
 
-`apply_rope` rotates queries and keys in transformers' split-half layout.
+`rope_for_positions` gives one call's cos and sin; `apply_rope` rotates queries and keys in
+transformers' split-half layout.
 """
 
 from __future__ import annotations
@@ -139,10 +140,9 @@ def rope_yarn(config, seq_len=None, base=None, scaling=None):
     their frequency (extrapolate), slow ones are divided by `factor` (interpolate), a linear ramp
     between dimensions `low` and `high` (found from beta_fast / beta_slow rotations) blends them;
     cos and sin are scaled by the attention factor."""
-    (factor,) = _require(scaling, "yarn", "factor")
+    (factor,) = _require(scaling, "yarn", "factor")  # None: max_position_embeddings / original
     original = original_max_positions(config, scaling)
-    if factor is None:
-        factor = config.max_position_embeddings / original
+    factor = config.max_position_embeddings / original if factor is None else _factor(scaling, "yarn")
     base = config.rope_theta if base is None else base
     dim = rope_dim(config)
     attention_factor = scaling.get("attention_factor")
@@ -182,7 +182,8 @@ def rope_longrope(config, seq_len=None, base=None, scaling=None):
     for name, factors in (("short_factor", short_factor), ("long_factor", long_factor)):
         if not isinstance(factors, (list, tuple)) or len(factors) != dim // 2:
             length = len(factors) if isinstance(factors, (list, tuple)) else type(factors).__name__
-            raise ConfigError(f"rope_scaling['{name}'] must be a list of rope_dim // 2 = {dim // 2} numbers, got {length}")
+            raise ConfigError(f"rope_scaling['{name}'] must be a list of rope_dim // 2 = {dim // 2} numbers, "
+                              f"got {length}")
     original = original_max_positions(config, scaling)
     factor = scaling.get("factor")
     if factor is None:
@@ -226,10 +227,8 @@ def compute_inv_freq(config, seq_len=None, base=None, scaling=None):
 
 def check_rope_scaling(config):
     """Raise ConfigError now (at config load) for what compute_inv_freq would reject later:
-    an unknown type, a missing key, factors of the wrong length."""
+    an unknown type, a missing key, factors of the wrong length (longrope checks both sets)."""
     compute_inv_freq(config)
-    if rope_type(getattr(config, "rope_scaling", None)) == "longrope":  # the long factors too
-        compute_inv_freq(config, seq_len=original_max_positions(config, config.rope_scaling) + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +244,17 @@ def rope_cos_sin(position_ids, inv_freq, attention_scaling=1.0):
     angles = position_ids[..., None].astype(np.float32) * inv_freq  # (batch, seq, rope_dim // 2)
     angles = np.concatenate([angles, angles], axis=-1)  # (batch, seq, rope_dim)
     return np.cos(angles) * np.float32(attention_scaling), np.sin(angles) * np.float32(attention_scaling)
+
+
+def rope_for_positions(config, position_ids):
+    """cos, sin (batch, seq, rope_dim) for one forward call, as transformers' rotary modules
+    compute them: the rope function sees seq_len = max(position_ids) + 1 over the whole batch,
+    which is what makes longrope switch factor sets and dynamic NTK grow its base.
+
+        original 4, longrope:  a call with positions 0..3 -> short factors;  reaching 4 -> long
+    """
+    seq_len = int(np.max(position_ids)) + 1
+    return rope_cos_sin(position_ids, *compute_inv_freq(config, seq_len=seq_len))
 
 
 def rotate_half(x):

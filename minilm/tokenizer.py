@@ -195,6 +195,7 @@ def _write_cache(path: pathlib.Path, backend: tokenizers.Tokenizer, settings: di
                 json.dump(payload, file, ensure_ascii=False)
                 file.flush()
                 os.fsync(file.fileno())
+            os.chmod(temp_name, 0o644)  # mkstemp makes it private (0600)
             os.replace(temp_name, path)
         except BaseException:
             pathlib.Path(temp_name).unlink(missing_ok=True)

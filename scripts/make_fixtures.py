@@ -166,7 +166,7 @@ def top2_gap(logits):
 
 
 def run_forward(model, inputs, prefix="", extra=None):
-    """One HF forward with every output; returns (arrays, info)."""
+    """One HF forward with every output; returns (arrays, info, HF output)."""
     captured, routers, hooks = {}, {}, []
 
     def keep_last(module, args, output):
@@ -416,6 +416,7 @@ QWEN_SCALES = (("mlp.gate.weight", 0.5), ("embed_tokens", 0.2), ("lm_head", 0.3)
 # tied embeddings: a small embedding and larger block outputs, else a random model repeats its input token
 QWEN_TIED_SCALES = (("mlp.gate.weight", 0.5), ("embed_tokens", 0.05), ("o_proj", 0.2), ("down_proj", 0.2))
 QWEN_LOAD = {"experts_implementation": "eager"}
+QWEN_SMALL = dict(head_dim=12, moe_intermediate_size=8, intermediate_size=32)  # head / ties fixtures: smaller files
 
 
 def qwen_model(cls_name, seed, scales=QWEN_SCALES, **config_overrides):
@@ -676,7 +677,7 @@ def build_qwen3_moe_causal_lm_b():
     "often at the top-k boundary; any tie rule gives HF's output, a threshold rule (p >= k-th value) does not",
 )
 def build_qwen3_moe_router_ties():
-    model = qwen_model("Qwen3MoeForCausalLM", seed=300, num_hidden_layers=2, mlp_only_layers=[])
+    model = qwen_model("Qwen3MoeForCausalLM", seed=300, num_hidden_layers=2, mlp_only_layers=[], **QWEN_SMALL)
     with torch.no_grad():
         for layer in model.model.layers:
             gate, experts = layer.mlp.gate.weight, layer.mlp.experts
@@ -831,8 +832,8 @@ def qa_labels(ids, mask):
 
 
 def qwen_head(cls_name, seed):
-    """Head fixtures: 2 layers (MoE, dense), head_dim 12 (!= 32 / 4), to keep the files small."""
-    return lambda **cfg: qwen_model(cls_name, seed, num_hidden_layers=2, mlp_only_layers=[1], head_dim=12, **cfg)
+    """Head fixtures: 2 layers (MoE, dense), head_dim 12 (!= 32 / 4)."""
+    return lambda **cfg: qwen_model(cls_name, seed, num_hidden_layers=2, mlp_only_layers=[1], **QWEN_SMALL, **cfg)
 
 
 def qwen_head_meta(meta_extra):

@@ -54,7 +54,7 @@ def test_breaking_one_weight_breaks_parity():
 
 def test_alibi_slopes_powers_of_two_and_interleaved_series():
     np.testing.assert_array_equal(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
-    np.testing.assert_array_equal(alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))  # 4 heads' series, then 8's odd
+    np.testing.assert_array_equal(alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))  # 4's series, then 8's odd
     np.testing.assert_array_equal(alibi_slopes(5), 2.0 ** -np.array([2, 4, 6, 8, 1]))
     np.testing.assert_array_equal(alibi_slopes(1), [2.0 ** -8])
 

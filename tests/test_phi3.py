@@ -14,7 +14,8 @@ from conftest import assert_close, load_reference
 from minilm.checkpoint import read_checkpoint, read_safetensors, write_safetensors
 from minilm.errors import CheckpointError, ConfigError
 from minilm.generation import generate
-from minilm.models.phi3 import Phi3Backbone, Phi3Config, Phi3ForCausalLM, Phi3Model, rope_for_call
+from minilm.models.phi3 import Phi3Backbone, Phi3Config, Phi3ForCausalLM, Phi3Model
+from minilm.rope import rope_for_positions
 from parity import check_generation, compare_outputs, forward_kwargs
 
 FIXTURES = {
@@ -116,9 +117,10 @@ def test_rope_regime_per_call():
     cfg = Phi3Config.from_json_file(load_reference("phi3_longrope")[0])
     short = np.array(cfg.rope_scaling["short_factor"], np.float32)
     long_ = np.array(cfg.rope_scaling["long_factor"], np.float32)
-    for positions, factors in [(np.arange(16)[None], short), (np.arange(17)[None], long_),
-                               (np.array([[16]]), long_), (np.array([[3], [15]]), short), (np.array([[3], [16]]), long_)]:
-        cos, _ = rope_for_call(cfg, positions)
+    cases = [(np.arange(16)[None], short), (np.arange(17)[None], long_), (np.array([[16]]), long_),
+             (np.array([[3], [15]]), short), (np.array([[3], [16]]), long_)]  # the batch's max position decides
+    for positions, factors in cases:
+        cos, _ = rope_for_positions(cfg, positions)
         inv_freq = 10000.0 ** -(np.arange(0, 16, 2) / 16) / factors
         angle = positions[..., None] * inv_freq
         np.testing.assert_allclose(cos[..., :8], np.cos(angle) * np.sqrt(1 + np.log(4) / np.log(16)), atol=2e-6)

@@ -195,3 +195,8 @@ def test_wrong_long_factor_length_is_caught_before_the_long_regime():
     cfg = make_config(8, scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 5})
     with pytest.raises(ConfigError, match="long_factor"):
         rope.check_rope_scaling(cfg)
+
+
+def test_dynamic_needs_more_than_two_rotary_dimensions():
+    with pytest.raises(ConfigError, match="dynamic rope needs a rotary dimension > 2"):
+        rope.check_rope_scaling(make_config(2, scaling={"rope_type": "dynamic", "factor": 2.0}))

@@ -59,12 +59,14 @@ class BloomConfig(PretrainedConfig):
 
     @classmethod
     def _rename_legacy_keys(cls, d):
-        """Hub BLOOM configs say n_embed (and some num_attention_heads / num_hidden_layers, which
-        transformers maps onto n_head / n_layer)."""
-        for old, new in (("n_embed", "hidden_size"), ("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer")):
-            if old in d:
-                value = d.pop(old)
-                d.setdefault(new, value)
+        """Hub BLOOM configs say n_embed (which wins over hidden_size, as in transformers), and
+        some num_attention_heads / num_hidden_layers (transformers' aliases of n_head / n_layer)."""
+        if d.get("n_embed") is not None:
+            d["hidden_size"] = d.pop("n_embed")
+        d.pop("n_embed", None)
+        for alias, name in (("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer")):
+            if alias in d:
+                d.setdefault(name, d.pop(alias))
         return d
 
     def validate(self):
@@ -102,10 +104,10 @@ def alibi_slopes(num_heads):
         n = 6:  c = 4: 2^-2, 2^-4, 2^-6, 2^-8;  then 2^-1, 2^-3 (from 2c = 8)
     """
     closest = 2 ** math.floor(math.log2(num_heads))
-    base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))  # 2^(-8/closest)
+    base = np.float32(2.0 ** (-8 / closest))
     slopes = _powers(base, np.arange(1, 1 + closest))
     if closest != num_heads:
-        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))  # 2^(-4/closest)
+        extra_base = np.float32(2.0 ** (-8 / (2 * closest)))
         remaining = min(closest, num_heads - closest)
         slopes = np.concatenate([slopes, _powers(extra_base, np.arange(1, 1 + 2 * remaining, 2))])
     return slopes
@@ -142,7 +144,8 @@ def self_attention(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     b, s, hidden = x.shape
     h, d = cfg.n_head, cfg.head_dim
     w = p.query_key_value.weight  # (num_heads, 3, head_dim, hidden_size): per head, q k v rows
-    qkv = ops.linear(x, w.reshape(3 * hidden, hidden), p.query_key_value.bias.reshape(3 * hidden))  # (batch, seq, 3 * hidden_size)
+    b_qkv = p.query_key_value.bias  # (num_heads, 3, head_dim)
+    qkv = ops.linear(x, w.reshape(3 * hidden, hidden), b_qkv.reshape(3 * hidden))  # (batch, seq, 3 * hidden_size)
     qkv = qkv.reshape(b, s, h, 3, d).transpose(3, 0, 2, 1, 4)  # (3, batch, num_heads, seq, head_dim)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (batch, num_heads, seq, head_dim) each
     if cache is not None:
@@ -315,8 +318,8 @@ class BloomBackbone(Backbone):
         if intermediate_dim != 4 * hidden_dim:
             raise ConfigError(f"BloomBackbone: intermediate_dim={intermediate_dim} must be 4 * hidden_dim = "
                               f"{4 * hidden_dim} (BLOOM checkpoints have no other MLP width)")
-        hf_config = BloomConfig(vocab_size=vocabulary_size, n_layer=num_layers, n_head=num_heads, hidden_size=hidden_dim,
-                                hidden_dropout=dropout, attention_dropout=dropout,
+        hf_config = BloomConfig(vocab_size=vocabulary_size, n_layer=num_layers, n_head=num_heads,
+                                hidden_size=hidden_dim, hidden_dropout=dropout, attention_dropout=dropout,
                                 layer_norm_epsilon=layer_norm_epsilon)
         super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
 

@@ -1,8 +1,8 @@
 """Phi-3 (Microsoft, 2024): a Llama-style decoder (RMSNorm, GQA, RoPE, SwiGLU) with fused
 projections and LongRoPE for long contexts.
 
-Read top to bottom: config -> RoPE for this call (short / long factors) -> attention -> MLP ->
-decoder layer -> model -> heads -> keras-hub-style backbone.
+Read top to bottom: config -> attention (RoPE for this call: short or long factors, see
+`minilm.rope.rope_for_positions`) -> MLP -> decoder layer -> model -> heads -> keras-hub-style backbone.
 
 Checkpoint layout, fixed once at load (and written back on save):
   - self_attn.qkv_proj (num_heads * head_dim + 2 * num_kv_heads * head_dim, hidden_size): three
@@ -44,7 +44,7 @@ from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
 from ..modeling import BaseModel, ModelOutput, check_model_inputs
-from ..rope import apply_rope, check_rope_scaling, compute_inv_freq, rope_cos_sin, rope_type
+from ..rope import apply_rope, check_rope_scaling, rope_for_positions, rope_type
 
 # ---------------------------------------------------------------------------------------------
 # Config (transformers' Phi3Config names and defaults)
@@ -126,21 +126,6 @@ def _longrope_spelling(scaling):
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE for one forward call: short or long factors by the largest position
-# ---------------------------------------------------------------------------------------------
-
-
-def rope_for_call(cfg, position_ids):
-    """cos, sin (batch, seq, rope_dim) for this call's positions. The rope functions get
-    seq_len = max(position_ids) + 1 over the whole batch: longrope picks its factor set from it.
-
-        original = 4:  positions 0..3 -> short factors;  any position >= 4 in the call -> long
-    """
-    seq_len = int(np.max(position_ids)) + 1
-    return rope_cos_sin(position_ids, *compute_inv_freq(cfg, seq_len=seq_len))
-
-
-# ---------------------------------------------------------------------------------------------
 # Attention and MLP
 # ---------------------------------------------------------------------------------------------
 
@@ -188,7 +173,7 @@ def phi3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, p
     x = p.embed_tokens.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.norm.weight.dtype)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
-    cos, sin = rope_for_call(cfg, position_ids)  # (batch, seq, rope_dim)
+    cos, sin = rope_for_positions(cfg, position_ids)  # (batch, seq, rope_dim); longrope: short or long set
     mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.sliding_window)
 
     all_hidden, all_attentions = [], []
@@ -251,7 +236,8 @@ def split_fused(tensors, cfg):
 
 def _check_rows(name, value, rows, formula):
     if value.ndim != 2 or value.shape[0] != rows:
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}; the config gives {formula} = {rows} rows")
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}; "
+                              f"the config gives {formula} = {rows} rows")
 
 
 def fuse_projections(tensors, cfg):
