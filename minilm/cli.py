@@ -56,6 +56,7 @@ def main(argv=None):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
     except MinilmError as e:
         print(f"minilm: error: {e}", file=sys.stderr)
         return 2
