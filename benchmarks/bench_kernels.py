@@ -208,7 +208,8 @@ def main(argv=None):
     table = "\n".join(lines)
     print("\n" + table)
     plot(rows, backends, options.plot)
-    print(f"\nplot: {options.plot}")
+    options.plot.with_suffix(".md").write_text(table + "\n")
+    print(f"\nplot: {options.plot}; table: {options.plot.with_suffix('.md')}")
     return rows
 
 

@@ -23,20 +23,35 @@ Precision rules (the same in every kernel)
   reference's `zeros_like(x)`). A float32 result is rounded to bfloat16 once, at the end.
   The bf16 reference rounds some intermediates to bf16 (the scale, the attention weights, the
   running expert sum); the kernels do not, so they are the more accurate of the two.
-* Dot products are float32 sums whose order the compiler may change (`fastmath={"reassoc",
-  "contract"}` on `_dot` only: reassociation and fused multiply-add, nothing that changes inf/NaN
-  handling), the same freedom BLAS takes; without it the loop does not vectorise and the decode
-  gemv is 5x slower. Everything else (softmax, masks, soft cap, activations) is strict IEEE
-  (`fastmath=False`) and follows the reference's order of operations.
-* Softmax follows `minilm.nn.softmax` exactly: subtract the row max (0 if the max is not finite),
-  exponentiate, divide each term by the sum (by 1 if the sum is 0). A query row whose mask allows
-  no key attends uniformly to all keys, as `ops.attention_reference` does (transformers' behaviour).
+* Sums may be reassociated: `fastmath={"reassoc", "contract"}` (reassociation and fused
+  multiply-add only, nothing that changes inf/NaN handling) on `_dot`, the gemv kernel and the
+  fused attention kernel, the same freedom BLAS takes; without it the dot products do not become
+  SIMD code and the decode gemv is 5x slower. The tests hold these kernels to 1e-5 * max|ref|.
+  Everything else (masks, soft cap, exp, activations) follows the reference's operations in float32.
+* Softmax follows `minilm.nn.softmax`: subtract the row max (0 if the max is not finite),
+  exponentiate, divide by the sum (by 1 if the sum is 0). A query row whose mask allows no key
+  attends uniformly to all keys, as `ops.attention_reference` does (transformers' behaviour). The
+  fused decode kernel computes the same softmax over blocks of keys and merges them
+  (flash-decoding), so its rounding differs from the reference's within the tolerance.
+* Layouts: every input is compiled for as a read-only array of any strides (`_launch`), so
+  transposed views, broadcast masks and a KV cache sliced from a larger buffer are read in place,
+  never copied; the hot loops test for unit stride along the last axis so they still vectorise.
+* Thresholds pick a path by size (GEMV_MAX_ROWS, ATTENTION_BLAS_MIN_SEQ, EXPERT_KERNEL_MAX_PAIRS):
+  small, memory-bound work (decode) runs in the compiled kernels, large compute-bound matmuls go
+  to NumPy's BLAS (numba has no BLAS without SciPy). The tests run every case down both paths.
 * Expert sums: each (token, slot) result is written to its own row, then every token adds its
   top_k rows in slot order j = 0..top_k-1 (the reference adds them in expert-id order). The order
   never depends on threads, so results are bit-for-bit repeatable.
 
-Compilation is cached on disk (`cache=True`, in `kernels/__pycache__`), so only the first process
-after an edit pays for it; each new dtype combination compiles once.
+Compilation is cached on disk (`cache=True`, in `kernels/__pycache__`, or $NUMBA_CACHE_DIR), so
+only the first process after an edit pays for it (about 8 s for the float32 decode kernels on 2
+cores; 0.5 s from the cache); each new dtype combination compiles once.
+
+Threads: the kernels use numba's threads, NumPy's BLAS uses OpenBLAS's. On a 2-core machine,
+OpenBLAS's idle threads spin for a while after each call, and a numba parallel kernel that starts
+in that window waits a scheduler tick (about 4 ms) for a core; the reverse also happens. Decode
+therefore never touches BLAS on this backend; a process that mixes both heavily can set
+OPENBLAS_THREAD_TIMEOUT=4 (before NumPy is imported) to make OpenBLAS's threads sleep sooner.
 """
 
 from __future__ import annotations
@@ -91,6 +106,28 @@ def _to_f32_overload(value):
     return None
 
 
+def _unit_stride(row):
+    """True when the elements of a 1-D kernel array are adjacent in memory."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(_unit_stride, inline="always")
+def _unit_stride_overload(row):
+    step = row.dtype.bitwidth // 8  # bytes per element, a constant when compiling: the compiler
+    return lambda row: row.strides[0] == step  # then knows the stride inside `if _unit_stride(...)`
+
+
+def _last_axis_unit_stride(a):
+    """True when the elements along the last axis of a kernel array are adjacent in memory."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(_last_axis_unit_stride, inline="always")
+def _last_axis_unit_stride_overload(a):
+    step, last = a.dtype.bitwidth // 8, a.ndim - 1  # constants when compiling (see _unit_stride)
+    return lambda a: a.strides[last] == step
+
+
 def _kernel_array(a):
     """The array a kernel reads: float32 as is, bfloat16 as its uint16 bits; None for other dtypes."""
     if a.dtype == np.float32:
@@ -115,33 +152,58 @@ def _matmul_dtype(a_dtype, b_dtype):
 def _dot(a, b):
     """sum_i a[i] * b[i] in float32. a, b: (n,) float32 or bfloat16 bits.
 
-    The one place where the compiler may reorder a sum (so that it becomes SIMD code)."""
+    A reassociated sum (so that it becomes SIMD code). Kernels accept arrays of any layout; the
+    branch on unit strides (rows of contiguous tensors, the usual case) tells the compiler the
+    elements are adjacent, which it needs to vectorise the loop.
+    """
     acc = np.float32(0.0)
-    for i in range(a.shape[0]):
-        acc += _to_f32(a[i]) * _to_f32(b[i])
+    if _unit_stride(a) and _unit_stride(b):
+        for i in range(a.shape[0]):
+            acc += _to_f32(a[i]) * _to_f32(b[i])
+    else:
+        for i in range(a.shape[0]):
+            acc += _to_f32(a[i]) * _to_f32(b[i])
     return acc
 
 
-def _numba_type(value, is_output):
-    """The numba type a kernel argument is compiled for (see `_launch`)."""
+@njit(cache=True)
+def _add_scaled(out, w, v):
+    """out += w * v, elementwise in float32. out: (n,) float32; v: (n,) float32 or bf16 bits.
+    (No reduction, so strict IEEE; the unit-stride branch is there for vectorisation, as in _dot.)"""
+    if _unit_stride(out) and _unit_stride(v):
+        for i in range(out.shape[0]):
+            out[i] += w * _to_f32(v[i])
+    else:
+        for i in range(out.shape[0]):
+            out[i] += w * _to_f32(v[i])
+
+
+def _numba_type(kind, is_output):
+    """The numba type a kernel argument is compiled for (see `_launch`); kind from `_arg_kind`."""
+    if isinstance(kind, tuple):  # an array: (dtype, ndim)
+        dtype, ndim = numba.from_dtype(kind[0]), kind[1]
+        return types.Array(dtype, ndim, "C") if is_output else types.Array(dtype, ndim, "A", readonly=True)
+    return {bool: types.boolean, np.float32: types.float32, int: types.int64}[kind]
+
+
+def _arg_kind(value):
+    """What decides a kernel argument's compiled type, cheap to compute and to hash."""
     if isinstance(value, np.ndarray):
-        dtype = numba.from_dtype(value.dtype)
-        if is_output:
-            return types.Array(dtype, value.ndim, "C")
-        return types.Array(dtype, value.ndim, "A", readonly=True)
+        return (value.dtype, value.ndim)
     if isinstance(value, (bool, np.bool_)):
-        return types.boolean
+        return bool
     if isinstance(value, np.float32):
-        return types.float32
+        return np.float32
     if isinstance(value, (int, np.integer)):
-        return types.int64
+        return int
     raise TypeError(f"no kernel argument type for {type(value).__name__}")
 
 
 @functools.lru_cache(maxsize=None)
-def _entry_point(kernel, signature):
-    """`kernel` compiled for `signature`: loaded from the disk cache, or compiled once."""
-    return kernel.compile(signature)
+def _entry_point(kernel, kinds, outputs):
+    """`kernel` compiled for these argument kinds: loaded from the disk cache, or compiled once."""
+    n = len(kinds) - outputs
+    return kernel.compile(tuple(_numba_type(kind, is_output=i >= n) for i, kind in enumerate(kinds)))
 
 
 def _launch(kernel, *args, outputs=1):
@@ -150,11 +212,12 @@ def _launch(kernel, *args, outputs=1):
     Every input array is compiled for as a read-only array of any memory layout, and every output
     as a C-contiguous array we allocated, so one compiled kernel per dtype combination serves
     contiguous tensors, transposed views and broadcast masks alike (numba's default would compile
-    a new kernel for each layout it meets, seconds each).
+    a new kernel for each layout it meets, seconds each). The compiled entry point is looked up
+    by (dtype, ndim) of the arguments, which costs microseconds per call.
     """
-    n = len(args) - outputs
-    signature = tuple(_numba_type(a, is_output=i >= n) for i, a in enumerate(args))
-    _entry_point(kernel, signature)(*args)
+    for out in args[len(args) - outputs :]:
+        assert out.flags.c_contiguous, "kernel outputs are arrays this module allocated, C-contiguous"
+    _entry_point(kernel, tuple(_arg_kind(a) for a in args), outputs)(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,30 +226,55 @@ def _launch(kernel, *args, outputs=1):
 
 # Up to this many rows of x, the compiled kernel (which reads W once for all rows) beats BLAS;
 # above it, the product is compute-bound and NumPy's BLAS does it better.
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 8
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
 def _gemv_kernel(x, weight, bias, has_bias, out):
     """out[r, o] = sum_i x[r, i] * weight[o, i] (+ bias[o]), for a few rows r.
 
     x      (rows, in_features)           float32 or bf16 bits
-    weight (out_features, in_features)   float32 or bf16 bits
+    weight (out_features, in_features)   float32 or bf16 bits, any layout
     bias   (out_features,)               float32 or bf16 bits (ignored unless has_bias)
     out    (rows, out_features)          float32
 
-    prange over output features o: each thread streams its share of weight rows from memory
-    once and dots each with every row of x (which stays in cache). For decode (rows = 1) this is
-    a memory-bound gemv, so bf16 weights, read as 16 bits, are twice as fast as float32.
+    x is first widened into a float32 buffer (small). Then prange over groups of four output
+    features: each thread streams its share of weight rows from memory once (four rows side by
+    side, as BLAS's gemv does) and dots them with every row of x, which stays in cache. For decode
+    (rows = 1) this is a memory-bound gemv, so bf16 weights, read as 16 bits, are twice as fast as
+    float32. The dot products are reassociated sums (SIMD); the unit-stride test tells the
+    compiler the elements of a row are adjacent. The bias is added after the sum, as x W^T + b.
     """
-    rows = x.shape[0]
+    rows, in_features = x.shape
     out_features = weight.shape[0]
-    for o in prange(out_features):
-        for r in range(rows):
-            y = _dot(weight[o], x[r])
-            if has_bias:
-                y += _to_f32(bias[o])
-            out[r, o] = y
+    xs = np.empty((rows, in_features), np.float32)  # (rows, in_features) x as float32
+    for r in range(rows):
+        for i in range(in_features):
+            xs[r, i] = _to_f32(x[r, i])
+    n_quads = -(-out_features // 4)
+    for quad in prange(n_quads):  # four weight rows at a time: four memory streams, x read once
+        o0 = 4 * quad
+        if o0 + 4 <= out_features and _last_axis_unit_stride(weight):
+            for r in range(rows):
+                y0 = y1 = y2 = y3 = np.float32(0.0)
+                for i in range(in_features):
+                    xi = xs[r, i]
+                    y0 += _to_f32(weight[o0, i]) * xi
+                    y1 += _to_f32(weight[o0 + 1, i]) * xi
+                    y2 += _to_f32(weight[o0 + 2, i]) * xi
+                    y3 += _to_f32(weight[o0 + 3, i]) * xi
+                out[r, o0], out[r, o0 + 1], out[r, o0 + 2], out[r, o0 + 3] = y0, y1, y2, y3
+        else:  # the last rows, or a weight whose rows are not contiguous
+            for o in range(o0, min(o0 + 4, out_features)):
+                for r in range(rows):
+                    y = np.float32(0.0)
+                    for i in range(in_features):
+                        y += _to_f32(weight[o, i]) * xs[r, i]
+                    out[r, o] = y
+        if has_bias:
+            for o in range(o0, min(o0 + 4, out_features)):
+                for r in range(rows):
+                    out[r, o] += _to_f32(bias[o])
 
 
 def linear(x, weight, bias=None):
@@ -227,80 +315,207 @@ def linear(x, weight, bias=None):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
-def _attention_kernel(q, k, v, mask, bias, has_bias, scale, cap, has_cap, keep_weights, out, weights):
-    """Fused attention, one query row at a time, never materialising the (seq, kv_seq) matrix.
+# From this many query positions on (long prefill), or when the weights are asked for, q k^T and
+# weights @ v go to BLAS and only the masked softmax is compiled (BLAS's blocked matmuls beat one
+# dot product per (query, key) once the switch between OpenBLAS's and numba's threads, about 4 ms
+# on 2 cores, is paid for); below it (decode, short prompts) the fused kernel below runs.
+ATTENTION_BLAS_MIN_SEQ = 128
+# Keys per task of the fused kernel: decode against a long cache is split over the keys.
+ATTENTION_KEY_BLOCK = 256
 
-    q       (batch, num_heads, seq, head_dim)         float32 or bf16 bits
-    k, v    (batch, num_kv_heads, kv_seq, head_dim)   float32 or bf16 bits, read in place (GQA:
-                                                     query head h reads kv head h // groups)
-    mask    (batch, 1, seq, kv_seq) bool             broadcast view (zero strides), True = may attend
-    bias    (batch, num_heads, seq, kv_seq)           broadcast view, float32
-    out     (batch, num_heads, seq, head_dim)         float32, written
-    weights (batch, num_heads, seq, kv_seq)           float32, written when keep_weights
 
-    prange over (batch, head). For each query row i of that head, three passes over the keys:
-      1. s_j = soft_cap(q_i . k_j * scale) + bias_ij for the keys the mask allows; their max m
-         (masked keys cost nothing: no dot product, no exp, no read of v)
-      2. p_j = exp(s_j - m) / sum_j' exp(s_j' - m)     (nn.softmax: m -> 0 if not finite,
-                                                        sum -> 1 if 0)
-      3. out_i = sum_j p_j v_j                          (vectorised over head_dim)
-    A row whose mask allows no key attends uniformly to every key (p_j = 1 / kv_seq), as the
-    reference does to match transformers' additive mask.
+@njit(cache=True)
+def _softmax_row(p, mask_row, bias_row, has_bias, scale, cap, has_cap):
+    """One query row: raw scores q.k in `p`, attention weights out, in place (float32).
+
+    p        (kv_seq,) float32: q . k_j for every key the mask allows (other entries are ignored)
+    mask_row (kv_seq,) bool, True = may attend;  bias_row (kv_seq,) float32
+
+    s_j = soft_cap(p_j * scale) + bias_j, then the softmax of `nn.softmax` over the allowed keys:
+    subtract the max (0 if not finite), exponentiate, divide by the sum (by 1 if it is 0); masked
+    keys get 0. A row whose mask allows no key gets 1 / kv_seq everywhere (the reference's rule,
+    from transformers' additive mask).
+    """
+    kv_seq = p.shape[0]
+    sees_nothing = True
+    for j in range(kv_seq):
+        if mask_row[j]:
+            sees_nothing = False
+            break
+    if sees_nothing:
+        p[:] = np.float32(1.0) / np.float32(kv_seq)  # softmax of a row of zeros
+        return
+    row_max = np.float32(-np.inf)
+    for j in range(kv_seq):
+        if mask_row[j]:
+            s = p[j] * scale
+            if has_cap:
+                s = cap * np.tanh(s / cap)
+            if has_bias:
+                s += bias_row[j]
+            p[j] = s
+            row_max = max(row_max, s)
+    if not np.isfinite(row_max):
+        row_max = np.float32(0.0)
+    total = np.float32(0.0)
+    for j in range(kv_seq):
+        if mask_row[j]:
+            e = np.exp(p[j] - row_max)
+            p[j] = e
+            total += e
+        else:
+            p[j] = 0.0
+    if total == 0.0:
+        total = np.float32(1.0)
+    for j in range(kv_seq):
+        p[j] = p[j] / total
+
+
+@njit(cache=True, inline="always")
+def _load_row(dst, src, b, h, j):
+    """dst[:] = src[b, h, j, :] widened to float32. dst: (head_dim,) float32; src: 4-D, float32
+    or bf16 bits, any layout (the unit-stride branch lets the usual case vectorise)."""
+    if _last_axis_unit_stride(src):
+        for d in range(dst.shape[0]):
+            dst[d] = _to_f32(src[b, h, j, d])
+    else:
+        for d in range(dst.shape[0]):
+            dst[d] = _to_f32(src[b, h, j, d])
+
+
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
+def _attention_blocks_kernel(
+    q, k, v, mask, sees_nothing, bias, has_bias, scale, cap, has_cap, key_block, block_max, block_sum, block_out
+):
+    """Fused attention, pass 1 of 2 (decode): softmax statistics per block of keys.
+
+    q            (batch, num_heads, seq, head_dim)        float32 or bf16 bits
+    k, v         (batch, num_kv_heads, kv_seq, head_dim)  float32 or bf16 bits, read in place
+    mask         (batch, 1, seq, kv_seq) bool             broadcast view, True = may attend
+    sees_nothing (batch, seq) bool                        rows whose mask allows no key: those
+                                                         attend to every key with score 0 (the
+                                                         reference's rule, from transformers)
+    bias         (batch, num_heads, seq, kv_seq) float32  broadcast view
+    block_max, block_sum (batch, num_heads, seq, n_blocks) float32, written:
+                     m = max_j s_j and l = sum_j exp(s_j - m) over the allowed keys j of the block
+    block_out    (batch, num_heads, seq, n_blocks, head_dim) float32, written: sum_j exp(s_j - m) v_j
+    where s_j = soft_cap(q . k_j * scale) + bias_j, j over keys c * key_block .. (c+1) * key_block - 1
+    of block c; a block with no allowed key (or only -inf scores) has m = -inf, l = 0, out = 0.
+
+    prange over (batch, kv head, query position, key block): a long cache is split over the
+    threads, masked keys cost nothing (a sliding window reads only the window), and each k_j, v_j
+    is loaded once (into `row`, widened to float32) for all `groups` query heads of its kv head
+    (GQA). Sums in this kernel may be reassociated (dot products, the softmax sums).
     """
     batch, num_heads, seq, head_dim = q.shape
-    kv_seq = k.shape[2]
-    groups = num_heads // k.shape[1]
-    for bh in prange(batch * num_heads):
-        b = bh // num_heads
-        h = bh % num_heads
-        kv_h = h // groups
-        p = np.empty(kv_seq, np.float32)  # (kv_seq,) scores of one query row, then its weights
-        for i in range(seq):
-            sees_nothing = True
-            for j in range(kv_seq):
-                if mask[b, 0, i, j]:
-                    sees_nothing = False
-                    break
-            # 1. scores of the allowed keys (all scores 0 for a row that sees nothing)
-            row_max = np.float32(-np.inf)
-            for j in range(kv_seq):
-                if sees_nothing:
-                    p[j] = 0.0
-                    row_max = np.float32(0.0)
-                elif mask[b, 0, i, j]:
-                    s = _dot(q[b, h, i], k[b, kv_h, j]) * scale
+    num_kv_heads, kv_seq = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    n_blocks = block_max.shape[3]
+    for task in prange(batch * num_kv_heads * seq * n_blocks):
+        blk = task % n_blocks
+        i = (task // n_blocks) % seq
+        kv_h = (task // (n_blocks * seq)) % num_kv_heads
+        b = task // (n_blocks * seq * num_kv_heads)
+        lo = blk * key_block
+        hi = min(lo + key_block, kv_seq)
+        everything = sees_nothing[b, i]
+        qg = np.empty((groups, head_dim), np.float32)  # the group's query rows
+        for g in range(groups):
+            _load_row(qg[g], q, b, kv_h * groups + g, i)
+        row = np.empty(head_dim, np.float32)  # k_j, then v_j
+        s = np.empty((groups, hi - lo), np.float32)  # (groups, block) scores, then exp(s - m)
+        # 1. scores s_j of the allowed keys, for every query head of the group
+        for j in range(lo, hi):
+            if everything:
+                s[:, j - lo] = 0.0
+            elif mask[b, 0, i, j]:
+                _load_row(row, k, b, kv_h, j)
+                for g in range(groups):
+                    x = np.float32(0.0)
+                    for d in range(head_dim):
+                        x += qg[g, d] * row[d]
+                    x = x * scale
                     if has_cap:
-                        s = cap * np.tanh(s / cap)
+                        x = cap * np.tanh(x / cap)
                     if has_bias:
-                        s += _to_f32(bias[b, h, i, j])
-                    p[j] = s
-                    row_max = max(row_max, s)
-            if not np.isfinite(row_max):
-                row_max = np.float32(0.0)
-            # 2. softmax over the allowed keys; masked keys get weight 0
+                        x += bias[b, kv_h * groups + g, i, j]
+                    s[g, j - lo] = x
+        # 2. per head: block max m, then s_j -> exp(s_j - m) and their sum l
+        for g in range(groups):
+            h = kv_h * groups + g
+            m = np.float32(-np.inf)
+            for j in range(lo, hi):
+                if everything or mask[b, 0, i, j]:
+                    m = max(m, s[g, j - lo])
             total = np.float32(0.0)
-            for j in range(kv_seq):
-                if sees_nothing or mask[b, 0, i, j]:
-                    e = np.exp(p[j] - row_max)
-                    p[j] = e
+            for j in range(lo, hi):
+                if (everything or mask[b, 0, i, j]) and m != -np.inf:
+                    e = np.exp(s[g, j - lo] - m)
+                    s[g, j - lo] = e
                     total += e
                 else:
-                    p[j] = 0.0
-            if total == 0.0:
-                total = np.float32(1.0)
-            # 3. weighted sum of the values
-            o = out[b, h, i]  # (head_dim,)
-            o[:] = 0.0
-            for j in range(kv_seq):
-                if sees_nothing or mask[b, 0, i, j]:
-                    w = p[j] / total
-                    p[j] = w
-                    vj = v[b, kv_h, j]  # (head_dim,)
-                    for d in range(head_dim):
-                        o[d] += w * _to_f32(vj[d])
-            if keep_weights:
-                weights[b, h, i, :] = p
+                    s[g, j - lo] = 0.0
+            block_max[b, h, i, blk] = m
+            block_sum[b, h, i, blk] = total
+        # 3. weighted values: each v_j once for all heads of the group
+        acc = np.zeros((groups, head_dim), np.float32)
+        for j in range(lo, hi):
+            if everything or mask[b, 0, i, j]:
+                _load_row(row, v, b, kv_h, j)
+                for g in range(groups):
+                    e = s[g, j - lo]
+                    if e != 0.0:
+                        for d in range(head_dim):
+                            acc[g, d] += e * row[d]
+        for g in range(groups):
+            block_out[b, kv_h * groups + g, i, blk, :] = acc[g]
+
+
+@njit(parallel=True, cache=True)
+def _attention_combine_kernel(block_max, block_sum, block_out, out):
+    """Fused attention, pass 2 of 2: merge the key blocks of each query row (flash-decoding).
+
+    block_max, block_sum (batch, num_heads, seq, n_blocks), block_out (..., n_blocks, head_dim) from
+    pass 1; out (batch, num_heads, seq, head_dim) float32, written:
+        M = max_c m_c (0 if not finite, as nn.softmax),  f_c = exp(m_c - M),
+        out = sum_c f_c out_c / sum_c f_c l_c            (the sum taken as 1 if it is 0)
+    which is softmax(s) @ v over all keys. prange over (batch, head, query position).
+    """
+    batch, num_heads, seq, n_blocks = block_max.shape
+    for r in prange(batch * num_heads * seq):
+        b = r // (num_heads * seq)
+        h = (r // seq) % num_heads
+        i = r % seq
+        row_max = np.float32(-np.inf)
+        for c in range(n_blocks):
+            row_max = max(row_max, block_max[b, h, i, c])
+        if not np.isfinite(row_max):
+            row_max = np.float32(0.0)
+        total = np.float32(0.0)
+        o = out[b, h, i]  # (head_dim,)
+        o[:] = 0.0
+        for c in range(n_blocks):
+            if block_sum[b, h, i, c] != 0.0:
+                f = np.exp(block_max[b, h, i, c] - row_max)
+                total += f * block_sum[b, h, i, c]
+                _add_scaled(o, f, block_out[b, h, i, c])
+        if total == 0.0:
+            total = np.float32(1.0)
+        for d in range(o.shape[0]):
+            o[d] = o[d] / total
+
+
+@njit(parallel=True, cache=True)
+def _softmax_kernel(mask, bias, has_bias, scale, cap, has_cap, scores):
+    """The masked softmax of the BLAS path, in place: scores (batch, num_heads, seq, kv_seq) float32
+    holds q k^T on entry and the attention weights on return. mask and bias as in _attention_kernel.
+    prange over the batch * num_heads * seq query rows; each row is `_softmax_row`."""
+    batch, num_heads, seq, _ = scores.shape
+    for r in prange(batch * num_heads * seq):
+        b = r // (num_heads * seq)
+        h = (r // seq) % num_heads
+        i = r % seq
+        _softmax_row(scores[b, h, i], mask[b, 0, i], bias[b, h, i], has_bias, scale, cap, has_cap)
 
 
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
@@ -344,16 +559,31 @@ def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_wei
             f"(batch, 1, seq, kv_seq) = {(batch, 1, seq, kv_seq)} and bias "
             f"{None if bias is None else bias.shape} to {(batch, num_heads, seq, kv_seq)}"
         ) from err
-    out = np.empty((batch, num_heads, seq, head_dim), np.float32)
-    if return_weights:
-        weights = np.empty((batch, num_heads, seq, kv_seq), np.float32)
+    scale, cap, has_cap = np.float32(scale), np.float32(0.0 if soft_cap is None else soft_cap), soft_cap is not None
+    if seq < ATTENTION_BLAS_MIN_SEQ and not return_weights:
+        # Fused (decode): per key block statistics, then one merge per query row.
+        key_block = ATTENTION_KEY_BLOCK
+        n_blocks = max(-(-kv_seq // key_block), 1)
+        sees_nothing = ~mask_view.any(axis=-1)[:, 0]  # (batch, seq)
+        block_max = np.empty((batch, num_heads, seq, n_blocks), np.float32)
+        block_sum = np.empty((batch, num_heads, seq, n_blocks), np.float32)
+        block_out = np.empty((batch, num_heads, seq, n_blocks, head_dim), np.float32)
+        _launch(
+            _attention_blocks_kernel, kq, kk, kv, mask_view, sees_nothing, bias_view, bias is not None,
+            scale, cap, has_cap, key_block, block_max, block_sum, block_out, outputs=3,
+        )  # fmt: skip
+        out = np.empty((batch, num_heads, seq, head_dim), np.float32)
+        _launch(_attention_combine_kernel, block_max, block_sum, block_out, out)
+        weights = None
     else:
-        weights = np.empty((1, 1, 1, 1), np.float32)  # unused
-    _launch(
-        _attention_kernel, kq, kk, kv, mask_view, bias_view, bias is not None,
-        np.float32(scale), np.float32(0.0 if soft_cap is None else soft_cap), soft_cap is not None,
-        bool(return_weights), out, weights, outputs=2,
-    )  # fmt: skip
+        groups = num_heads // num_kv_heads
+        # GQA without repeating k/v: the query heads of a kv head stacked as rows (copies q only)
+        qg = _as_float32(q).reshape(batch, num_kv_heads, groups * seq, head_dim)
+        weights = np.matmul(qg, _as_float32(k).swapaxes(-1, -2))  # (batch, num_kv_heads, groups * seq, kv_seq)
+        weights = weights.reshape(batch, num_heads, seq, kv_seq)  # scores; weights after the softmax
+        _launch(_softmax_kernel, mask_view, bias_view, bias is not None, scale, cap, has_cap, weights)
+        wg = weights.reshape(batch, num_kv_heads, groups * seq, kv_seq)
+        out = np.matmul(wg, _as_float32(v)).reshape(batch, num_heads, seq, head_dim)
     out = out.astype(_matmul_dtype(q.dtype, v.dtype), copy=False)
     return out, (weights.astype(q.dtype, copy=False) if return_weights else None)
 
@@ -464,9 +694,7 @@ def _combine_kernel(y, rank_of_pair, top_k_weights, out):
         o[:] = 0.0
         for j in range(top_k):
             w = _to_f32(top_k_weights[t, j])
-            yr = y[rank_of_pair[t * top_k + j]]  # (hidden_size,)
-            for d in range(o.shape[0]):
-                o[d] += w * yr[d]
+            _add_scaled(o, w, y[rank_of_pair[t * top_k + j]])  # o += w * y_r, (hidden_size,)
 
 
 def _experts_blas(x, pair_of_rank, top_k, starts, active, gate_proj, up_proj, down_proj, activation):

@@ -45,13 +45,15 @@ def _gpu_skip_reason():
 
 _GPU_SKIP = _gpu_skip_reason()
 _ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))]
-BACKENDS = ["numba", pytest.param("cupy", marks=_ON_GPU)]
 # The numba linear and expert dispatch have two paths each, chosen by size; every case runs on both:
 # "kernel" (the compiled gemv / per-row expert kernels: decode, small groups) and "blas" (large batches).
 PATHS = {
     op: [pytest.param("numba", "kernel"), pytest.param("numba", "blas"), pytest.param("cupy", None, marks=_ON_GPU)]
     for op in ("linear", "moe_dispatch")
 }
+# Attention's fused decode kernel also splits the keys into blocks: "kernel-blocks" makes the
+# blocks 5 keys long so that merging many blocks (and blocks with no visible key) is exercised.
+PATHS["attention"] = [pytest.param("numba", "kernel-blocks"), *PATHS["linear"]]
 PROPERTY_SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -103,7 +105,9 @@ def force_numba_path(monkeypatch, threshold_name, path):
         return
     from minilm.kernels import numba_backend  # noqa: PLC0415
 
-    monkeypatch.setattr(numba_backend, threshold_name, 10**9 if path == "kernel" else 0)
+    monkeypatch.setattr(numba_backend, threshold_name, 0 if path == "blas" else 10**9)
+    if path == "kernel-blocks":
+        monkeypatch.setattr(numba_backend, "ATTENTION_KEY_BLOCK", 5)
 
 
 def random_array(rng, shape, dtype, scale=1.0):
@@ -239,8 +243,9 @@ def attention_property(backend):
     prop()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_attention_matches_reference(backend):
+@pytest.mark.parametrize("backend, path", PATHS["attention"])
+def test_attention_matches_reference(backend, path, monkeypatch):
+    force_numba_path(monkeypatch, "ATTENTION_BLAS_MIN_SEQ", path)
     attention_property(backend)
 
 
@@ -251,10 +256,13 @@ def test_attention_fully_masked_row_attends_uniformly():
     q, k, v = (random_array(rng, s, np.float32) for s in [(1, 2, 3, 8), (1, 1, 5, 8), (1, 1, 5, 8)])
     mask = np.ones((1, 1, 3, 5), bool)
     mask[0, 0, 1] = False
+    bias = np.full((1, 1, 1, 5), 7.0, np.float32)
     with ops.use_backend("numba"):
-        out, weights = ops.attention(q, k, v, mask, scale=0.3, bias=np.full((1, 1, 1, 5), 7.0, np.float32), return_weights=True)
+        out, weights = ops.attention(q, k, v, mask, scale=0.3, bias=bias, return_weights=True)  # BLAS path
+        fused, _ = ops.attention(q, k, v, mask, scale=0.3, bias=bias)  # fused kernel (seq 3)
     np.testing.assert_allclose(weights[:, :, 1], 0.2, rtol=1e-6)
-    np.testing.assert_allclose(out[:, :, 1], np.broadcast_to(v[0, 0].mean(axis=0), (1, 2, 8)), rtol=1e-5, atol=1e-6)
+    for o in (out, fused):
+        np.testing.assert_allclose(o[:, :, 1], np.broadcast_to(v[0, 0].mean(axis=0), (1, 2, 8)), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
