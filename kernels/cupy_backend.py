@@ -378,4 +378,5 @@ def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, a
     return _result(out, np.dtype(x.dtype), as_cupy)
 
 
-ops.register_backend("cupy", {"linear": linear, "attention": attention, "moe_dispatch": moe_dispatch})
+ops.register_backend("cupy", {"linear": linear, "attention": attention, "moe_dispatch": moe_dispatch,
+                              "to_device": lambda a: cp.asarray(a)})

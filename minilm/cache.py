@@ -50,8 +50,8 @@ class KVCache:
     def _grow(self, layer_idx, keys, values, needed):
         b, h, _, d = keys.shape
         capacity = max(needed, 2 * needed if self._keys[layer_idx] is not None else needed + 64)
-        new_k = np.empty((b, h, capacity, d), dtype=keys.dtype)
-        new_v = np.empty((b, values.shape[1], capacity, values.shape[3]), dtype=values.dtype)
+        new_k = np.empty((b, h, capacity, d), dtype=keys.dtype, like=keys)  # like=: on the keys' device
+        new_v = np.empty((b, values.shape[1], capacity, values.shape[3]), dtype=values.dtype, like=values)
         n = self._length[layer_idx]
         if n:
             new_k[:, :, :n] = self._keys[layer_idx][:, :, :n]
@@ -127,8 +127,9 @@ class SlidingWindowCache:
     def _allocate(self, layer_idx, keys, values):
         b, h, _, d = keys.shape
         capacity = self.capacity(layer_idx)
-        self._ring_keys[layer_idx] = np.zeros((b, h, capacity, d), dtype=keys.dtype)
-        self._ring_values[layer_idx] = np.zeros((b, values.shape[1], capacity, values.shape[3]), dtype=values.dtype)
+        self._ring_keys[layer_idx] = np.zeros((b, h, capacity, d), dtype=keys.dtype, like=keys)
+        self._ring_values[layer_idx] = np.zeros((b, values.shape[1], capacity, values.shape[3]), dtype=values.dtype,
+                                                like=values)
 
     def _oldest_first(self, ring, layer_idx):
         """The filled part of a ring as views, oldest position first: [ring[oldest:], ring[:oldest]]."""
@@ -142,7 +143,7 @@ class SlidingWindowCache:
         """Put the last min(seq, C) new positions into their slots p % C."""
         capacity, seen, new = self.capacity(layer_idx), self._seen[layer_idx], keys.shape[2]
         kept = min(new, capacity)
-        slots = np.arange(seen + new - kept, seen + new) % capacity  # (kept,)
+        slots = np.arange(seen + new - kept, seen + new, like=keys) % capacity  # (kept,)
         self._ring_keys[layer_idx][:, :, slots] = keys[:, :, new - kept:]
         self._ring_values[layer_idx][:, :, slots] = values[:, :, new - kept:]
         self._seen[layer_idx] = seen + new

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import nn
+from . import nn, ops
 from .errors import InputError
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        tokens = next_tokens(out.logits[:, -1], sequences, do_sample=do_sample, temperature=temperature,
+        tokens = next_tokens(ops.to_host(out.logits[:, -1]), sequences, do_sample=do_sample, temperature=temperature,
                              top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, rng=rng)
         tokens = np.where(done, pad, tokens)  # (batch,)
         sequences = np.concatenate([sequences, tokens[:, None]], axis=1)

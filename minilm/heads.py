@@ -143,7 +143,7 @@ class ForCausalLM(HeadModel):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # only the last positions (generation needs one)
         logits = self.compute_logits(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(ops.to_host(logits), labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions,
                            router_logits=out.router_logits)
@@ -181,8 +181,8 @@ class ForSequenceClassification(HeadModel):
             last = np.full(batch, logits.shape[1] - 1)
         else:
             last = last_non_pad_token(np.asarray(input_ids), pad)  # (batch,)
-        pooled = logits[np.arange(batch), last]  # (batch, num_labels)
-        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        pooled = logits[ops.like(np.arange(batch), logits), ops.like(last, logits)]  # (batch, num_labels)
+        loss = sequence_classification_loss(ops.to_host(pooled), labels, self.config) if labels is not None else None
         return ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -206,7 +206,7 @@ class ForTokenClassification(HeadModel):
         logits = ops.linear(out.last_hidden_state, head.weight, head.bias)  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
-            loss = cross_entropy(logits.reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1))
+            loss = cross_entropy(ops.to_host(logits).reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1))
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
@@ -226,6 +226,7 @@ class ForQuestionAnswering(HeadModel):
         start_logits, end_logits = logits[..., 0], logits[..., 1]  # (batch, seq) each
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+            loss = question_answering_loss(ops.to_host(start_logits), ops.to_host(end_logits), start_positions,
+                                           end_positions)
         return ModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                            hidden_states=out.hidden_states, attentions=out.attentions)

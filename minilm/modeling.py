@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import ops
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import read_config_json
 from .errors import CheckpointError, ConfigError, InputError
@@ -211,7 +212,7 @@ class PreTrainedModel:
             array = np.asarray(array).astype(self.dtype)  # a copy: never keep a read-only memory map
             if not np.isfinite(array.astype(np.float32, copy=False)).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values (corrupt checkpoint?)")
-            converted[name] = array
+            converted[name] = ops.to_device(array)  # the GPU for the cupy backend; as-is otherwise
         for name, source in tied.items():
             converted[name] = converted[source]  # one array, two names
         self.params = nest(converted)
@@ -234,6 +235,17 @@ class PreTrainedModel:
         return aligned
 
     has_head = False
+
+    def to_device(self):
+        """Move the weights to the active backend's device (after `minilm.set_backend("cupy")`,
+        the GPU; `set_backend("numpy")` then `to_device()` brings them back)."""
+        moved, by_id = {}, {}  # tied weights stay one array
+        for name, array in self.state_dict().items():
+            if id(array) not in by_id:
+                by_id[id(array)] = ops.to_device(array if ops.get_backend() == "cupy" else ops.to_host(array))
+            moved[name] = by_id[id(array)]
+        self.params = nest(moved)
+        return self
 
     def num_parameters(self):
         seen, total = set(), 0

@@ -78,8 +78,8 @@ def gelu(x):
 
 def gelu_tanh(x):
     """GELU, tanh approximation (GPT-2, BLOOM, Gemma): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
-    c = np.asarray(math.sqrt(2 / math.pi), dtype=x.dtype)
-    return 0.5 * x * (1 + np.tanh(c * (x + np.asarray(0.044715, dtype=x.dtype) * x * x * x)))
+    c, k = x.dtype.type(math.sqrt(2 / math.pi)), x.dtype.type(0.044715)
+    return 0.5 * x * (1 + np.tanh(c * (x + k * x * x * x)))
 
 
 def _erf(x):

@@ -96,13 +96,14 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch")
+OPS = ("linear", "attention", "moe_dispatch", "to_device")
 
 _BACKENDS = {
     "numpy": {
         "linear": linear_reference,
         "attention": attention_reference,
         "moe_dispatch": moe_dispatch_reference,
+        "to_device": np.asarray,
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
@@ -180,3 +181,29 @@ def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_wei
 
 def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
     return _impl("moe_dispatch")(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where arrays live: weights on the backend's device, small per-call arrays next to them
+# ---------------------------------------------------------------------------------------------
+
+
+def to_device(x):
+    """An array on the active backend's device: the weights at load time (CuPy: GPU memory).
+    NumPy and Numba keep host arrays as they are."""
+    return _impl("to_device")(x)
+
+
+def like(x, reference):
+    """A small array built on the host (mask, positions, cos/sin) placed where `reference`
+    lives, so that a forward pass never mixes devices. A no-op for NumPy arrays."""
+    if isinstance(reference, np.ndarray) or np.isscalar(reference):
+        return np.asarray(x)
+    return np.asarray(x, like=reference)  # NEP 35: the reference's array library creates it
+
+
+def to_host(x):
+    """A NumPy array, copied back from the GPU when needed (logits for sampling, losses)."""
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)

@@ -34,7 +34,9 @@ def tolerance(ref):
 
 def max_diff(actual, ref, keep=None):
     """max|actual - ref| over the positions `keep` marks (a boolean mask broadcast from the left)."""
-    actual, ref = np.asarray(actual, np.float64), np.asarray(ref, np.float64)
+    from minilm import ops
+
+    actual, ref = np.asarray(ops.to_host(actual), np.float64), np.asarray(ref, np.float64)
     assert actual.shape == ref.shape, f"shape {actual.shape} != reference {ref.shape}"
     diff = np.abs(actual - ref)
     if keep is not None:

@@ -188,11 +188,13 @@ def bloom_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, 
         cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
     if use_cache and past_key_values is None:
         past_key_values = KVCache(cfg.n_layer)
-    x = p.word_embeddings.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.ln_f.weight.dtype)
+    table = p.word_embeddings.weight  # (vocab_size, hidden_size)
+    x = table[ops.like(input_ids, table)] if inputs_embeds is None else ops.like(inputs_embeds, table).astype(table.dtype)
     x = nn.layer_norm(x, p.word_embeddings_layernorm.weight, p.word_embeddings_layernorm.bias, cfg.layer_norm_epsilon)
     keys_mask = np.ones((batch, past + seq), np.int64) if attention_mask is None else attention_mask
     alibi = alibi_bias(keys_mask, cfg.n_head).astype(x.dtype)  # (batch, num_heads, 1, kv_seq)
     mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq))
+    alibi, mask = ops.like(alibi, x), ops.like(mask, x)  # built on the host, used where x lives
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.h):

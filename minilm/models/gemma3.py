@@ -172,7 +172,7 @@ def scaled_embedding(input_ids, table):
     """table[ids] * sqrt(hidden_size), with the constant rounded to the table's dtype first
     (in bfloat16, sqrt(640) = 25.298 becomes 25.25, as in transformers and keras-hub).
     input_ids: (batch, seq) -> (batch, seq, hidden_size)"""
-    normalizer = np.asarray(np.float32(table.shape[1] ** 0.5), dtype=table.dtype)
+    normalizer = table.dtype.type(np.float32(table.shape[1] ** 0.5))  # a scalar of the table's dtype
     return table[input_ids] * normalizer
 
 
@@ -213,7 +213,7 @@ def attention_mask_for_keys(attention_mask, q_idx, kv_seq, window):
     return nn.attention_mask_4d(padding, q_idx, k_idx, window)
 
 
-def attention(x, p, cfg, layer_idx, cos, sin, attention_mask, q_idx, cache, output_attentions):
+def attention(x, p, cfg, layer_idx, cos, sin, mask_for, cache, output_attentions):
     """x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), attention weights or None"""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
@@ -225,7 +225,7 @@ def attention(x, p, cfg, layer_idx, cos, sin, attention_mask, q_idx, cache, outp
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
-    mask = attention_mask_for_keys(attention_mask, q_idx, k.shape[2], cfg.layer_window(layer_idx))
+    mask = mask_for(cfg.layer_window(layer_idx), k.shape[2])  # (batch or 1, 1, seq, kv_seq)
     out, weights = ops.attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar**-0.5,
                                  soft_cap=cfg.attention_soft_cap, return_weights=output_attentions)
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
@@ -247,11 +247,11 @@ def mlp(x, p, cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-def decoder_layer(x, p, cfg, layer_idx, cos, sin, attention_mask, q_idx, cache, output_attentions):
+def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask_for, cache, output_attentions):
     """Sandwich norms: h = x + norm(attn(norm(x))), then h + norm(mlp(norm(h)))."""
     eps = cfg.rms_norm_eps
     attn_out, weights = attention(gemma_rms_norm(x, p.input_layernorm.weight, eps), p.self_attn, cfg, layer_idx,
-                                  cos, sin, attention_mask, q_idx, cache, output_attentions)
+                                  cos, sin, mask_for, cache, output_attentions)
     if cfg.use_post_attention_norm:
         attn_out = gemma_rms_norm(attn_out, p.post_attention_layernorm.weight, eps)
     h = x + attn_out
@@ -277,22 +277,29 @@ def gemma3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None,
     if use_cache and past_key_values is None:
         past_key_values = make_cache(cfg)
     if inputs_embeds is None:
-        x = scaled_embedding(input_ids, p.embed_tokens.weight)  # (batch, seq, hidden_size)
+        table = p.embed_tokens.weight
+        x = scaled_embedding(ops.like(input_ids, table), table)  # (batch, seq, hidden_size)
     else:
-        x = inputs_embeds.astype(p.norm.weight.dtype)  # used as given (transformers does not scale them)
+        x = ops.like(inputs_embeds, p.norm.weight).astype(p.norm.weight.dtype)  # used as given (not scaled)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
     seq_len = int(np.max(position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
-    rope = {kind: rope_cos_sin(position_ids, *layer_type_rope(cfg, kind, seq_len))  # (batch, seq, head_dim) x2
-            for kind in sorted(set(cfg.layer_types))}
+    rope = {kind: tuple(ops.like(a, x) for a in rope_cos_sin(position_ids, *layer_type_rope(cfg, kind, seq_len)))
+            for kind in sorted(set(cfg.layer_types))}  # (batch, seq, head_dim) x2 per layer type
     q_idx = np.arange(past, past + seq)  # the queries' columns in attention_mask (and cache slots)
+    masks = {}
+
+    def mask_for(window, kv_seq):
+        """The mask for keys a cache returned, built once per (window, kv_seq) and shared by the layers."""
+        if (window, kv_seq) not in masks:
+            masks[window, kv_seq] = ops.like(attention_mask_for_keys(attention_mask, q_idx, kv_seq, window), x)
+        return masks[window, kv_seq]
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.layers):
         all_hidden.append(x)
         cos, sin = rope[cfg.layer_types[layer_idx]]
-        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, attention_mask, q_idx, past_key_values,
-                                   output_attentions)
+        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask_for, past_key_values, output_attentions)
         all_attentions.append(weights)
     x = gemma_rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     all_hidden.append(x)

@@ -170,11 +170,13 @@ def phi3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, p
         cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
     if use_cache and past_key_values is None:
         past_key_values = KVCache(cfg.num_hidden_layers)
-    x = p.embed_tokens.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.norm.weight.dtype)
+    table = p.embed_tokens.weight  # (vocab_size, hidden_size)
+    x = table[ops.like(input_ids, table)] if inputs_embeds is None else ops.like(inputs_embeds, table).astype(table.dtype)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
     cos, sin = rope_for_positions(cfg, position_ids)  # (batch, seq, rope_dim); longrope: short or long set
     mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.sliding_window)
+    cos, sin, mask = (ops.like(a, x) for a in (cos, sin, mask))  # built on the host, used where x lives
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.layers):

@@ -187,11 +187,13 @@ def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=No
         cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
     if use_cache and past_key_values is None:
         past_key_values = KVCache(cfg.num_hidden_layers)
-    x = p.embed_tokens.weight[input_ids] if inputs_embeds is None else inputs_embeds.astype(p.norm.weight.dtype)
+    table = p.embed_tokens.weight  # (vocab_size, hidden_size)
+    x = table[ops.like(input_ids, table)] if inputs_embeds is None else ops.like(inputs_embeds, table).astype(table.dtype)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
     cos, sin = rope_cos_sin(position_ids, *compute_inv_freq(cfg))  # (batch, seq, head_dim)
     mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.window)
+    cos, sin, mask = (ops.like(a, x) for a in (cos, sin, mask))  # built on the host, used where x lives
 
     all_hidden, all_attentions, all_router_logits = [], [], []
     for layer_idx, layer in enumerate(p.layers):
@@ -314,6 +316,7 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
 
     averaged over the tokens the attention mask keeps. router_logits: tuple of (tokens, num_experts).
     """
+    router_logits = [ops.to_host(r) for r in router_logits]  # a scalar loss: computed on the host
     probs = nn.softmax(np.concatenate(router_logits, axis=0).astype(np.float32), axis=-1)  # (layers * tokens, num_experts)
     top_k_index = top_k_experts(probs, top_k)  # (layers * tokens, top_k)
     chosen = np.zeros_like(probs)
