@@ -9,9 +9,13 @@ file with 2 threads, greedy decoding:
   - transformers on torch CPU, float32 (and bfloat16), loading the same GGUF (`--torch-python`: a
     Python with torch + transformers + gguf; the `fixtures` extra)
   - llama.cpp built from source (`--llama-python`: a Python with llama-cpp-python compiled from its
-    sdist, which builds llama.cpp with cmake)
-Measured: load time, prefill tokens/s for a 512-token prompt, decode tokens/s over --new-tokens,
-peak RSS. OPENBLAS_CORETYPE is left as the machine sets it unless --unset-openblas-coretype.
+    sdist, which builds llama.cpp with cmake). On a CPU with AMX it loads without weight repacking
+    (`use_extra_bufts=False`, llama.cpp's --no-repack): the AMX matmul of llama.cpp builds of 2026
+    segfaults (ggml-org/llama.cpp#20824); the table says "no AMX repack" when that applies.
+Measured: load time, prefill tokens/s for a 512-token prompt (one forward pass), decode tokens/s
+over --new-tokens greedy steps after a short prompt, peak RSS. Prefill and decode are timed
+--repeats times in the same process; the table shows the medians (the machine may be shared).
+OPENBLAS_CORETYPE is left as the machine sets it unless --unset-openblas-coretype.
 """
 
 from __future__ import annotations
@@ -33,12 +37,26 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def timed_decode(steps, new_tokens):
+    """Seconds for `new_tokens` items of the iterator `steps` after its first one (the prompt step)."""
+    next(steps)  # the prompt step
+    t0 = time.perf_counter()
+    n = sum(1 for _ in zip(range(new_tokens), steps))
+    assert n == new_tokens, f"the engine stopped after {n} of {new_tokens} tokens"
+    return time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------
-# Workers: each prints one JSON line
+# Workers: each prints one JSON line. Prefill and decode are timed `repeats` times; the medians count.
 # ---------------------------------------------------------------------------------------------
 
 
-def worker_minilm(path, backend, prefill, new_tokens):
+def worker_minilm(path, backend, prefill, new_tokens, repeats):
     import numpy as np
 
     import minilm
@@ -51,19 +69,19 @@ def worker_minilm(path, backend, prefill, new_tokens):
     ids = np.array([model.tokenizer.encode(PROMPT * 40)[:prefill]])
     for _ in generate_tokens(model, ids[:, :8], max_new_tokens=2):  # warm up (Numba compiles here)
         pass
-    t0 = time.perf_counter()
-    model(ids, logits_to_keep=1)
-    prefill_s = time.perf_counter() - t0
     short = np.array([model.tokenizer.encode("The capital of France is")])
-    steps = generate_tokens(model, short, max_new_tokens=new_tokens + 1, eos_token_id=[])
-    next(steps)  # the prompt step
-    t0 = time.perf_counter()
-    n = sum(1 for _ in steps)
-    decode_s = time.perf_counter() - t0
-    return dict(load_s=load_s, prefill_tps=prefill / prefill_s, decode_tps=n / decode_s, peak_mb=peak_rss_mb())
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        prefill_s.append(time.perf_counter() - t0)
+        steps = generate_tokens(model, short, max_new_tokens=new_tokens + 1, eos_token_id=[])
+        decode_s.append(timed_decode(steps, new_tokens))
+    return dict(load_s=load_s, prefill_tps=prefill / median(prefill_s), decode_tps=new_tokens / median(decode_s),
+                peak_mb=peak_rss_mb())
 
 
-def worker_transformers(path, dtype, prefill, new_tokens):
+def worker_transformers(path, dtype, prefill, new_tokens, repeats):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,42 +93,70 @@ def worker_transformers(path, dtype, prefill, new_tokens):
     model.eval()
     load_s = time.perf_counter() - t0
     ids = tok(PROMPT * 40, return_tensors="pt").input_ids[:, :prefill]
-    with torch.no_grad():
-        model(ids[:, :8])
-        t0 = time.perf_counter()
-        model(ids, logits_to_keep=1)
-        prefill_s = time.perf_counter() - t0
-        short = tok("The capital of France is", return_tensors="pt").input_ids
+    short = tok("The capital of France is", return_tensors="pt").input_ids
+
+    def steps():  # greedy decoding with the KV cache, one token per step, as minilm's loop
         out = model(short, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
+        while True:
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        decode_s = time.perf_counter() - t0
-    return dict(load_s=load_s, prefill_tps=prefill / prefill_s, decode_tps=new_tokens / decode_s, peak_mb=peak_rss_mb())
+            yield token
+            out = model(token, past_key_values=cache, use_cache=True)
+
+    prefill_s, decode_s = [], []
+    with torch.no_grad():
+        model(ids[:, :8])  # warm up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            prefill_s.append(time.perf_counter() - t0)
+            decode_s.append(timed_decode(steps(), new_tokens))
+    return dict(load_s=load_s, prefill_tps=prefill / median(prefill_s), decode_tps=new_tokens / median(decode_s),
+                peak_mb=peak_rss_mb())
 
 
-def worker_llama_cpp(path, prefill, new_tokens):
+def cpu_has_amx():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def worker_llama_cpp(path, prefill, new_tokens, repeats):
+    import llama_cpp.llama_cpp as llama_capi
     from llama_cpp import Llama
 
+    # On CPUs with AMX, llama.cpp repacks the weights for its AMX matmul, which segfaults in
+    # ggml_backend_amx_mul_mat on this machine (ggml-org/llama.cpp#20824; the AMX tile config is
+    # invalid). Loading without the "extra" buffer types (llama.cpp's --no-repack) runs the plain
+    # CPU kernels on the weights as stored in the file.
+    no_repack = cpu_has_amx()
+    if no_repack:
+        default_params = llama_capi.llama_model_default_params
+
+        def model_params_without_repack():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_capi.llama_model_default_params = model_params_without_repack  # read by Llama.__init__
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=2048, n_batch=512, verbose=False)
+    llm = Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=2048, n_batch=prefill, verbose=False)
     load_s = time.perf_counter() - t0
     ids = llm.tokenize((PROMPT * 40).encode())[:prefill]
-    llm.eval(ids[:8])
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    prefill_s = time.perf_counter() - t0
-    llm.reset()
-    llm.eval(llm.tokenize(b"The capital of France is"))
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        token = llm.sample(top_k=1, temp=0.0)
-        llm.eval([token])
-    decode_s = time.perf_counter() - t0
-    return dict(load_s=load_s, prefill_tps=prefill / prefill_s, decode_tps=new_tokens / decode_s, peak_mb=peak_rss_mb())
+    short = llm.tokenize(b"The capital of France is")
+    llm.eval(ids[:8])  # warm up
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        llm.reset()  # forget the KV cache: eval() then starts at position 0
+        t0 = time.perf_counter()
+        llm.eval(ids)  # one llama_decode of `prefill` tokens (n_batch = prefill)
+        prefill_s.append(time.perf_counter() - t0)
+        llm.reset()  # so generate() re-evaluates the prompt rather than reusing a cached prefix
+        steps = llm.generate(short, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)  # greedy
+        decode_s.append(timed_decode(steps, new_tokens))
+    return dict(load_s=load_s, prefill_tps=prefill / median(prefill_s), decode_tps=new_tokens / median(decode_s),
+                peak_mb=peak_rss_mb(), note="no AMX repack" if no_repack else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +169,8 @@ def run_worker(python, args, env):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"]}
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        return {"error": f"exit status {done.returncode}" + (f": {last[0]}" if last else "")}
     return json.loads(lines[-1])
 
 
@@ -135,6 +182,7 @@ def main():
     p.add_argument("--llama-python", default=None)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="time prefill and decode this many times; report medians")
     p.add_argument("--unset-openblas-coretype", action="store_true",
                    help="unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE for this run (faster sgemm on new CPUs)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -152,22 +200,24 @@ def main():
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
     print(f"model {os.path.basename(path)}, 2 threads, prefill {a.prefill} tokens, decode {a.new_tokens} tokens, "
-          f"OPENBLAS_CORETYPE {'unset' if a.unset_openblas_coretype else os.environ.get('OPENBLAS_CORETYPE', 'not set')}",
-          flush=True)
+          f"OPENBLAS_CORETYPE {'unset' if a.unset_openblas_coretype else os.environ.get('OPENBLAS_CORETYPE', 'not set')}, "
+          f"median of {a.repeats}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    common = dict(path=path, prefill=a.prefill, new_tokens=a.new_tokens, repeats=a.repeats)
     runs = []
     if a.torch_python:
         for dtype in ("float32", "bfloat16"):
             runs.append((f"transformers {dtype}", a.torch_python,
-                         dict(engine="transformers", path=path, dtype=dtype, prefill=a.prefill, new_tokens=a.new_tokens)))
+                         dict(engine="transformers", dtype=dtype, **common)))
     if a.llama_python:
-        runs.append(("llama.cpp", a.llama_python, dict(engine="llama.cpp", path=path, prefill=a.prefill, new_tokens=a.new_tokens)))
+        runs.append(("llama.cpp", a.llama_python, dict(engine="llama.cpp", **common)))
     for backend in a.backends.split(","):
         runs.append((f"minilm {backend}", sys.executable,
-                     dict(engine="minilm", path=path, backend=backend, prefill=a.prefill, new_tokens=a.new_tokens)))
+                     dict(engine="minilm", backend=backend, **common)))
     results = {}
     for name, python, args in runs:
         results[name] = run_worker(python, args, env)
         print(f"  {name}: {results[name]}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     base = results.get("transformers float32", {})
     print("\n| engine | load s | prefill tok/s | decode tok/s | peak MB | decode vs transformers fp32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -176,6 +226,7 @@ def main():
             print(f"| {name} | failed: {r['error']} | | | | |")
             continue
         ratio = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if "decode_tps" in base else "n/a"
+        name = f"{name} ({r['note']})" if r.get("note") else name
         print(f"| {name} | {r['load_s']:.2f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
 
 

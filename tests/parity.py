@@ -6,6 +6,7 @@ padding positions are meaningless in transformers too)."""
 import numpy as np
 
 from conftest import assert_close
+from minilm import ops
 
 
 def forward_kwargs(ref, head):
@@ -43,7 +44,7 @@ def compare_outputs(out, ref, report=None):
         assert out.attentions is not None and len(out.attentions) == len(attn), "attentions count"
         for i, k in enumerate(attn):
             keep = None if keep_tokens is None else keep_tokens[:, None, :, None] & keep_tokens[:, None, None, :]
-            a, r = np.asarray(out.attentions[i]), ref[k]
+            a, r = ops.to_host(out.attentions[i]), ref[k]
             if keep is not None:
                 keep = np.broadcast_to(keep, a.shape)
                 a, r = np.where(keep, a, 0), np.where(keep, r, 0)
