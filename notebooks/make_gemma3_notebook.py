@@ -142,7 +142,8 @@ Sampling reshapes this distribution before drawing from it (`minilm.generation`)
 * **top-k** keeps the `k` largest logits (the rest become `-inf`);
 * **top-p** (nucleus) keeps the smallest set of most likely tokens whose probability reaches `p`.
 
-Shown on the 15 most likely tokens (the bars of one colour sum to at most one over the whole vocabulary).""",
+Shown on the 15 most likely tokens: each panel is a slice of a distribution over the whole
+vocabulary, so its bars need not sum to one (except where top-k or top-p removed the rest).""",
     """shown = np.argsort(-probs)[:15]
 variants = {
     "T = 1": logits,
