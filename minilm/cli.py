@@ -26,7 +26,7 @@ def parser():
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--backend", default=None, choices=["numpy", "numba", "cupy"],
-                   help="kernels for matmul / attention / experts (default: $MINILM_BACKEND or numpy)")
+                   help="kernels for matmul / attention / experts (default: $MINILM_BACKEND, else numba)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, float16 or bfloat16")
     return p
 
@@ -62,7 +62,8 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         return 130
-    print(f"[minilm] backend {ops.get_backend()}, load {load_s:.2f} s, prompt {stats.get('prompt_tokens', 0)} tokens, "
+    backend = stats.get("backend", ops.get_backend())  # the one generate() ran on
+    print(f"[minilm] backend {backend}, load {load_s:.2f} s, prompt {stats.get('prompt_tokens', 0)} tokens, "
           f"prefill {stats.get('prefill_s', 0):.2f} s, {stats.get('new_tokens', 0)} new tokens at "
           f"{stats.get('decode_tokens_per_s', 0):.1f} tokens/s", file=sys.stderr)
     return 0

@@ -62,7 +62,7 @@ def apply_min_p(logits, min_p):
 
 def next_tokens(logits, generated_ids, *, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, rng):
     """Choose one token per row. logits: (batch, vocab_size) -> (batch,) int64"""
-    logits = logits.astype(np.float32)
+    logits = logits.astype(np.float32, copy=False)  # the processors below never write into it
     if repetition_penalty is not None and repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, generated_ids, repetition_penalty)
     if not do_sample:
@@ -149,7 +149,10 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
     for _ in range(max_new_tokens):
         if cache is not None and model.cache_is_stale(cache, sequences.shape[1]):
             cache, step_ids = None, sequences  # re-run everything (Phi-3 longrope crossing its original length)
-        positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1]:]  # (batch, step_len)
+        if cache is None:  # the whole sequence: positions from the mask, so left padding shifts nothing
+            positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1]:]  # (batch, seq)
+        else:  # one new token per row, never padding: the position after the previous one
+            positions = positions[:, -1:] + 1  # (batch, 1), without a cumsum over the whole mask
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values

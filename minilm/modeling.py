@@ -10,6 +10,7 @@ the classes here only hold it and check what comes in.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,14 @@ class PreTrainedModel:
     def load_state_dict(self, tensors):
         """Check names and shapes against the config, convert dtype, and install the weights.
 
-        Every problem names the tensor: missing, unexpected, mis-shaped, non-finite."""
+        Every problem names the tensor: missing, unexpected, mis-shaped, non-finite.
+
+        The weights are copied (and converted to the model's dtype) into one new buffer, one after
+        the other in the order `parameter_shapes` lists them, which is the order a forward pass
+        reads them. The checkpoint's arrays are never kept (a read-only memory map, the caller's
+        arrays), and a decode step streams through one region of memory, which NumPy backs with
+        huge pages where the system allows: on the 270M this decodes ~13% faster on the NumPy
+        path than one array per tensor (README, "Speed"). Each weight is a view of the buffer."""
         tensors = self._align_prefix({k: v for k, v in tensors.items() if not k.endswith(self.ignored_checkpoint_keys)})
         tensors = self.convert_checkpoint(tensors, self.config)
         expected = self.parameter_shapes()
@@ -198,6 +206,10 @@ class PreTrainedModel:
         if unexpected:
             raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_first(unexpected)}{hint}")
         converted = {}
+        align = max(64 // self.dtype.itemsize, 1)  # every weight starts on a 64-byte cache line
+        padded = {name: -(-math.prod(shape) // align) * align for name, shape in expected.items() if name not in tied}
+        storage = np.empty(sum(padded.values()), dtype=self.dtype)  # all the weights, in order
+        offset = 0
         for name, shape in expected.items():
             if name in tied:
                 continue
@@ -209,10 +221,12 @@ class PreTrainedModel:
             kind = np.asarray(array).dtype.kind
             if kind not in "fV":  # V: bfloat16 from ml_dtypes
                 raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, expected a floating-point type")
-            array = np.asarray(array).astype(self.dtype)  # a copy: never keep a read-only memory map
-            if not np.isfinite(array.astype(np.float32, copy=False)).all():
+            weight = storage[offset : offset + math.prod(shape)].reshape(shape)  # (shape) view, C order
+            offset += padded[name]
+            np.copyto(weight, np.asarray(array), casting="unsafe")  # the copy and the dtype conversion
+            if not np.isfinite(weight.astype(np.float32, copy=False)).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values (corrupt checkpoint?)")
-            converted[name] = ops.to_device(array)  # the GPU for the cupy backend; as-is otherwise
+            converted[name] = ops.to_device(weight)  # the GPU for the cupy backend; as-is otherwise
         for name, source in tied.items():
             converted[name] = converted[source]  # one array, two names
         self.params = nest(converted)
@@ -343,7 +357,7 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask, positio
                 f"attention_mask has shape {attention_mask.shape} but the input needs (batch, past + seq) = "
                 f"({batch}, {past_length + seq})"
             )
-        if not np.isin(attention_mask, (0, 1)).all():
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
             raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
     if position_ids is not None:
         position_ids = np.asarray(position_ids)

@@ -108,7 +108,7 @@ _BACKENDS = {
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
 _LAZY_BACKENDS = {"numba": "minilm.kernels.numba_backend", "cupy": "minilm.kernels.cupy_backend"}
-_active = {"name": None}
+_active = {"name": None, "chosen": False}  # chosen: set_backend / use_backend was called
 
 
 def register_backend(name, implementations):
@@ -139,7 +139,7 @@ def set_backend(name):
     reference), "numba" (compiled CPU kernels) or "cupy" (GPU). Returns the previous name."""
     previous = get_backend()
     _load(name)
-    _active["name"] = name
+    _active["name"], _active["chosen"] = name, True
     return previous
 
 
@@ -150,14 +150,22 @@ def get_backend():
     return _active["name"]
 
 
+def backend_is_chosen():
+    """True when the program picked a backend: `set_backend` (or `use_backend`) ran, or
+    $MINILM_BACKEND is set. `minilm.generate()` picks its own default only when not."""
+    return _active["chosen"] or bool(os.environ.get("MINILM_BACKEND"))
+
+
 @contextmanager
 def use_backend(name):
-    """Run a block with another backend: `with ops.use_backend("numba"): model(ids)`."""
-    previous = set_backend(name)
+    """Run a block with another backend: `with ops.use_backend("numba"): model(ids)`.
+    Afterwards everything is as before, including whether a backend counts as chosen."""
+    before = dict(_active)
+    set_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _active.update(before)
 
 
 def _impl(op):
