@@ -163,9 +163,9 @@ def gemma_rms_norm(x, weight, eps):
     `weight` itself and casts before multiplying. x: (..., dim), weight: (dim,)
     """
     x32 = x.astype(np.float32, copy=False)
-    variance = np.mean(x32 * x32, axis=-1, keepdims=True)  # (..., 1)
+    variance = np.add.reduce(x32 * x32, axis=-1, keepdims=True) / np.float32(x.shape[-1])  # mean(x^2): (..., 1)
     normed = x32 * (np.float32(1) / np.sqrt(variance + np.float32(eps)))  # (..., dim)
-    return (normed * (np.float32(1) + weight.astype(np.float32))).astype(x.dtype, copy=False)
+    return (normed * (np.float32(1) + weight.astype(np.float32, copy=False))).astype(x.dtype, copy=False)
 
 
 def scaled_embedding(input_ids, table):
