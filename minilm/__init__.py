@@ -6,7 +6,7 @@ Hugging Face transformers, with Numba and CuPy kernels behind one seam (`minilm.
     minilm.generate("The capital of France is")                # the shipped Gemma 3 270M
 """
 
-from . import ops
+from . import default_model, ops
 from .auto import from_pretrained
 from .backbone import Backbone
 from .cache import KVCache
