@@ -267,8 +267,8 @@ class BloomModel(BaseModel):
     embedding_name = "word_embeddings.weight"
     backbone_shapes = staticmethod(bloom_shapes)
     backbone_forward = staticmethod(bloom_model)
-    convert_checkpoint = classmethod(lambda cls, tensors, cfg: view_qkv_per_head(tensors, cfg))
-    to_checkpoint = classmethod(lambda cls, tensors, cfg: fuse_qkv_rows(tensors, cfg))
+    convert_checkpoint = staticmethod(view_qkv_per_head)  # checkpoint layout -> model layout, once at load
+    to_checkpoint = staticmethod(fuse_qkv_rows)  # and back, for save_pretrained
 
 
 class BloomForCausalLM(ForCausalLM):

@@ -269,8 +269,8 @@ class Phi3Model(BaseModel):
     config_class = Phi3Config
     backbone_shapes = staticmethod(phi3_shapes)
     backbone_forward = staticmethod(phi3_model)
-    convert_checkpoint = classmethod(lambda cls, tensors, cfg: split_fused(tensors, cfg))
-    to_checkpoint = classmethod(lambda cls, tensors, cfg: fuse_projections(tensors, cfg))
+    convert_checkpoint = staticmethod(split_fused)  # checkpoint layout -> model layout, once at load
+    to_checkpoint = staticmethod(fuse_projections)  # and back, for save_pretrained
 
 
 class Phi3ForCausalLM(ForCausalLM):

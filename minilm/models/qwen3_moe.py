@@ -305,8 +305,8 @@ class Qwen3MoeModel(BaseModel):
     config_class = Qwen3MoeConfig
     backbone_shapes = staticmethod(qwen3_moe_shapes)
     backbone_forward = staticmethod(qwen3_moe_model)
-    convert_checkpoint = classmethod(lambda cls, tensors, cfg: stack_experts(tensors, cfg))
-    to_checkpoint = classmethod(lambda cls, tensors, cfg: unstack_experts(tensors, cfg))
+    convert_checkpoint = staticmethod(stack_experts)  # checkpoint layout -> model layout, once at load
+    to_checkpoint = staticmethod(unstack_experts)  # and back, for save_pretrained
 
 
 def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
