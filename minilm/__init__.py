@@ -1,34 +1,102 @@
-"""minilm: readable NumPy implementations of modern LLM architectures, checked against
-Hugging Face transformers, with Numba and CuPy kernels behind one seam (`minilm.ops`).
+"""minilm: readable NumPy implementations of modern LLM architectures, checked against Hugging Face
+transformers, with Numba and CuPy kernels behind one seam (`minilm.ops`).
 
     import minilm
     model = minilm.from_pretrained("path/to/checkpoint")        # HF folder or .gguf
     minilm.generate("The capital of France is")                # the shipped Gemma 3 270M
+
+Where things are: the math a student reads is at the top level (nn, rope, ops, cache, modeling,
+heads, generation) and in `models/` (one file per family); file formats in `io/`; the
+keras-hub-style API in `keras/`; text in / text out in `api.py` and `cli.py`.
 """
 
-from . import default_model, ops
-from .auto import from_pretrained
-from .backbone import Backbone
-from .cache import KVCache
-from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, InputError, MinilmError,
-                     UnknownArchitectureError)
+from . import ops
+from .api import generate
+from .cache import KVCache, SlidingWindowCache
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    InputError,
+    MinilmError,
+    UnknownArchitectureError,
+)
+from .io import default_model
+from .io.load import from_pretrained
+from .keras.backbone import Backbone
+from .keras.bloom import BloomBackbone
+from .keras.gemma3 import Gemma3Backbone
+from .keras.phi3 import Phi3Backbone
+from .keras.qwen3_moe import Qwen3MoeBackbone
 from .modeling import ModelOutput
-from .models.qwen3_moe import (Qwen3MoeBackbone, Qwen3MoeConfig, Qwen3MoeForCausalLM,
-                               Qwen3MoeForQuestionAnswering, Qwen3MoeForSequenceClassification,
-                               Qwen3MoeForTokenClassification, Qwen3MoeModel)
-from .models.bloom import (BloomBackbone, BloomConfig, BloomForCausalLM, BloomForQuestionAnswering,
-                           BloomForSequenceClassification, BloomForTokenClassification, BloomModel)
-from .models.gemma3 import Gemma3Backbone, Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
-from .models.phi3 import (Phi3Backbone, Phi3Config, Phi3ForCausalLM, Phi3ForSequenceClassification,
-                          Phi3ForTokenClassification, Phi3Model)
+from .models.bloom import (
+    BloomConfig,
+    BloomForCausalLM,
+    BloomForQuestionAnswering,
+    BloomForSequenceClassification,
+    BloomForTokenClassification,
+    BloomModel,
+)
+from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
+from .models.phi3 import (
+    Phi3Config,
+    Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
+    Phi3ForTokenClassification,
+    Phi3Model,
+)
+from .models.qwen3_moe import (
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Qwen3MoeForQuestionAnswering,
+    Qwen3MoeForSequenceClassification,
+    Qwen3MoeForTokenClassification,
+    Qwen3MoeModel,
+)
 from .ops import get_backend, set_backend, use_backend
-from .cache import SlidingWindowCache
 
-
-def generate(prompt=None, **options):
-    """Continue a prompt with a language model (default: the shipped Gemma 3 270M); see `minilm.api.generate`."""
-    from .api import generate as _generate
-
-    return _generate(prompt, **options)
+__all__ = [
+    "Backbone",
+    "BloomBackbone",
+    "BloomConfig",
+    "BloomForCausalLM",
+    "BloomForQuestionAnswering",
+    "BloomForSequenceClassification",
+    "BloomForTokenClassification",
+    "BloomModel",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "Gemma3Backbone",
+    "Gemma3ForCausalLM",
+    "Gemma3TextConfig",
+    "Gemma3TextModel",
+    "InputError",
+    "KVCache",
+    "MinilmError",
+    "ModelOutput",
+    "Phi3Backbone",
+    "Phi3Config",
+    "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification",
+    "Phi3ForTokenClassification",
+    "Phi3Model",
+    "Qwen3MoeBackbone",
+    "Qwen3MoeConfig",
+    "Qwen3MoeForCausalLM",
+    "Qwen3MoeForQuestionAnswering",
+    "Qwen3MoeForSequenceClassification",
+    "Qwen3MoeForTokenClassification",
+    "Qwen3MoeModel",
+    "SlidingWindowCache",
+    "UnknownArchitectureError",
+    "default_model",
+    "from_pretrained",
+    "generate",
+    "get_backend",
+    "ops",
+    "set_backend",
+    "use_backend",
+]
 
 __version__ = "0.1.0"

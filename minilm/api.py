@@ -15,28 +15,30 @@ import numpy as np
 from . import ops
 from .errors import InputError
 from .generation import generate_tokens
+from .io.default_model import default_model_path
+from .io.load import from_pretrained
+from .io.tokenizer import Tokenizer
 
-_LOADED = {}  # model path -> (model, tokenizer), so repeated calls load once
-# The backend `generate` decodes with when the program chose none (`minilm.set_backend`,
-# `ops.use_backend`, $MINILM_BACKEND): the Numba kernels decode the shipped Gemma 3 270M about
-# 1.6x faster than the NumPy reference (README, "Speed"), for about 1 s of set-up per process
-# (12 s the first time ever, while numba compiles its on-disk cache).
-GENERATE_BACKEND = "numba"
+_LOADED = {}  # (model path, dtype, backend) -> (model, tokenizer), so repeated calls load once
 
 
-def load(model=None, dtype="float32"):
-    """(model, tokenizer) for a GGUF file, a Hugging Face folder, or None for the default model."""
-    from .auto import from_pretrained
-    from .default_model import default_model_path
+def _generate_backend():
+    """The backend `generate` runs on: the one the program chose (`minilm.set_backend`,
+    `ops.use_backend`, $MINILM_BACKEND), else `ops.FAST_CPU_BACKEND`."""
+    return ops.get_backend() if ops.backend_is_chosen() else ops.FAST_CPU_BACKEND
 
+
+def load(model=None, dtype="float32", backend=None):
+    """(model, tokenizer) for a GGUF file, a Hugging Face folder, or None for the default model,
+    its weights prepared for `backend` (`ops.prepare_weight`; default: the one `generate` runs on)."""
+    backend = backend or _generate_backend()
     path = Path(model) if model is not None else default_model_path()
-    key = (str(path), str(dtype))
+    key = (str(path), str(dtype), backend)
     if key not in _LOADED:
-        loaded = from_pretrained(path, dtype=dtype)
+        with ops.use_backend(backend):  # the weights take the form this backend reads
+            loaded = from_pretrained(path, dtype=dtype)
         tokenizer = getattr(loaded, "tokenizer", None)
         if tokenizer is None:
-            from .tokenizer import Tokenizer
-
             tokenizer = Tokenizer.from_file(path)
         _LOADED[key] = (loaded, tokenizer)
     return _LOADED[key]
@@ -55,9 +57,10 @@ def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sa
     stream=True returns an iterator of text pieces (single prompt only).
     stats: a dict to fill with backend, prompt_tokens, new_tokens, prefill_s, decode_tokens_per_s.
     Returns the generated text (a list of texts for a batch), without the prompt.
-    Runs on the backend the program chose, else on GENERATE_BACKEND (numba).
+    Runs on the backend the program chose, else on `ops.FAST_CPU_BACKEND` (compiled CPU kernels).
     """
-    loaded, tokenizer = load(model, dtype)
+    backend = _generate_backend()
+    loaded, tokenizer = load(model, dtype, backend)
     texts, batched = _prompts(prompt, messages, tokenizer)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
@@ -72,7 +75,6 @@ def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sa
     tokens = generate_tokens(loaded, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty, eos_token_id=eos, seed=seed)
-    backend = ops.get_backend() if ops.backend_is_chosen() else GENERATE_BACKEND
     tokens = _on_backend(tokens, backend)
     if stats is not None:
         stats["backend"] = backend

@@ -10,7 +10,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import nn
 from .errors import ConfigError
+
+
+def mask_for_cached_keys(attention_mask, q_idx, kv_seq, window=None):
+    """The attention mask for the keys a cache returned. Every cache here returns the LAST kv_seq
+    positions, oldest first: `KVCache` all of them, `SlidingWindowCache` (for a sliding layer) the
+    ones a window can still see; without a cache the keys are this call's own positions.
+
+    attention_mask: (batch, past + seq) 0/1 or None; q_idx: (seq,) the queries' positions
+    -> (batch or 1, 1, seq, kv_seq) bool
+
+    sliding_window=3, KVCache     k: 0 1 2 3 4       SlidingWindowCache  k: 2 3 4
+    q=4                              . . x x x                              x x x
+    """
+    end = q_idx[-1] + 1
+    k_idx = np.arange(end - kv_seq, end)  # (kv_seq,) the keys' positions
+    padding = None if attention_mask is None else attention_mask[:, k_idx]  # (batch, kv_seq)
+    return nn.attention_mask_4d(padding, q_idx, k_idx, window)
 
 
 class KVCache:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import nn, ops
+from . import generation, nn, ops
 from .errors import InputError
 from .modeling import ModelOutput, PreTrainedModel, with_prefix
 
@@ -105,12 +105,12 @@ class HeadModel(PreTrainedModel):
         return {name.split(".")[0] for name in self.base_model_class.backbone_shapes(self.config)}
 
     @classmethod
-    def convert_checkpoint(cls, tensors, config):
-        return cls.base_model_class.convert_checkpoint(tensors, config)
+    def to_model_layout(cls, tensors, config):
+        return cls.base_model_class.to_model_layout(tensors, config)
 
     @classmethod
-    def to_checkpoint(cls, tensors, config):
-        return cls.base_model_class.to_checkpoint(tensors, config)
+    def to_checkpoint_layout(cls, tensors, config):
+        return cls.base_model_class.to_checkpoint_layout(tensors, config)
 
     def base_model(self, **inputs):
         """Run the base model on this head's backbone weights."""
@@ -155,9 +155,7 @@ class ForCausalLM(HeadModel):
 
     def generate(self, input_ids, attention_mask=None, **options):
         """Prompt + new token ids, transformers' convention. See `minilm.generation.generate`."""
-        from .generation import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, **options)
+        return generation.generate(self, input_ids, attention_mask=attention_mask, **options)
 
 
 class ForSequenceClassification(HeadModel):

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .checkpoint import read_checkpoint, write_checkpoint
+from .cache import KVCache, mask_for_cached_keys
 from .config import read_config_json
 from .errors import CheckpointError, ConfigError, InputError
+from .io.safetensors import read_checkpoint, write_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Outputs
@@ -113,7 +114,7 @@ class PreTrainedModel:
     """Holds `config` and `params`; loads, checks and saves checkpoints.
 
     A family's classes say which tensors they need (`parameter_shapes`), how a checkpoint's
-    layout maps onto them (`convert_checkpoint`, `to_checkpoint`), and how they compute
+    layout maps onto them (`to_model_layout`, `to_checkpoint_layout`), and how they compute
     (`forward`).
     """
 
@@ -144,13 +145,13 @@ class PreTrainedModel:
         return {}
 
     @classmethod
-    def convert_checkpoint(cls, tensors, config):
+    def to_model_layout(cls, tensors, config):
         """Turn a checkpoint's layout into the model's (stack experts, split fused tensors)."""
         return tensors
 
     @classmethod
-    def to_checkpoint(cls, tensors, config):
-        """The inverse of convert_checkpoint: the layout written by save_pretrained."""
+    def to_checkpoint_layout(cls, tensors, config):
+        """The inverse of to_model_layout: the layout written by save_pretrained."""
         return tensors
 
     def backbone_roots(self):
@@ -195,7 +196,7 @@ class PreTrainedModel:
         huge pages where the system allows: on the 270M this decodes ~13% faster on the NumPy
         path than one array per tensor (README, "Speed"). Each weight is a view of the buffer."""
         tensors = self._align_prefix({k: v for k, v in tensors.items() if not k.endswith(self.ignored_checkpoint_keys)})
-        tensors = self.convert_checkpoint(tensors, self.config)
+        tensors = self.to_model_layout(tensors, self.config)
         expected = self.parameter_shapes()
         tied = self.tied_weights()  # e.g. {"lm_head.weight": "model.embed_tokens.weight"}
         missing = [k for k in expected if k not in tensors and k not in tied]
@@ -226,7 +227,7 @@ class PreTrainedModel:
             np.copyto(weight, np.asarray(array), casting="unsafe")  # the copy and the dtype conversion
             if not np.isfinite(weight.astype(np.float32, copy=False)).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values (corrupt checkpoint?)")
-            converted[name] = ops.to_device(weight)  # the GPU for the cupy backend; as-is otherwise
+            converted[name] = ops.prepare_weight(weight)  # once, at load: the form the backend reads
         for name, source in tied.items():
             converted[name] = converted[source]  # one array, two names
         self.params = nest(converted)
@@ -251,12 +252,13 @@ class PreTrainedModel:
     has_head = False
 
     def to_device(self):
-        """Move the weights to the active backend's device (after `minilm.set_backend("cupy")`,
-        the GPU; `set_backend("numpy")` then `to_device()` brings them back)."""
+        """Prepare the weights for the active backend (`ops.prepare_weight`): the GPU for cupy,
+        int8 block codes for numba, plain host arrays for numpy. Call it after switching backend,
+        e.g. `set_backend("numpy")` then `to_device()` brings the weights back from the GPU."""
         moved, by_id = {}, {}  # tied weights stay one array
         for name, array in self.state_dict().items():
             if id(array) not in by_id:
-                by_id[id(array)] = ops.to_device(array if ops.get_backend() == "cupy" else ops.to_host(array))
+                by_id[id(array)] = ops.prepare_weight(ops.to_host(array))
             moved[name] = by_id[id(array)]
         self.params = nest(moved)
         return self
@@ -284,7 +286,7 @@ class PreTrainedModel:
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(folder)
         tensors = {k: v for k, v in self.state_dict().items() if k not in self.tied_weights()}
-        write_checkpoint(folder, self.to_checkpoint(tensors, self.config), max_shard_bytes=max_shard_bytes)
+        write_checkpoint(folder, self.to_checkpoint_layout(tensors, self.config), max_shard_bytes=max_shard_bytes)
 
     # -- calling --------------------------------------------------------------------------
 
@@ -364,6 +366,79 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask, positio
         if position_ids.ndim != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
             raise InputError(f"position_ids must have shape (batch or 1, seq) = ({batch}, {seq}); got {position_ids.shape}")
     return input_ids, inputs_embeds, attention_mask, batch, seq
+
+
+def prepare_inputs(config, weights, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                   past_key_values=None, use_cache=None, new_cache=None):
+    """Everything a family's model function starts from, checked and set up once (`ForwardInputs`).
+
+    weights: any weight of the model; small arrays built on the host (masks, positions, cos/sin)
+      are placed next to it. new_cache(config): the cache `use_cache=True` starts with when none
+      is passed (default: `KVCache`, which keeps every position)."""
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
+        config, input_ids, inputs_embeds, attention_mask, position_ids, past
+    )
+    if use_cache and past_key_values is None:
+        past_key_values = new_cache(config) if new_cache else KVCache(config.num_hidden_layers)
+    if position_ids is None:
+        position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
+    return ForwardInputs(input_ids, inputs_embeds, attention_mask, np.asarray(position_ids), past_key_values,
+                         past, batch, seq, weights)
+
+
+class ForwardInputs:
+    """One forward call, as every family sees it:
+
+        input_ids       (batch, seq) int64, or None when inputs_embeds are given
+        inputs_embeds   (batch, seq, hidden_size) or None
+        attention_mask  (batch, past + seq) of 0/1, or None: every position is a token
+        position_ids    (batch or 1, seq): as given, else past .. past + seq - 1
+        cache           the KV cache, or None (no cache passed and use_cache off)
+        past            positions already in the cache (0 without one)
+
+    `embed` looks the ids up, `mask` builds the attention mask for the keys a layer attends to,
+    `place` puts a host-built array where the weights live, `output` assembles the result."""
+
+    def __init__(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, past, batch, seq, weights):
+        self.input_ids, self.inputs_embeds, self.attention_mask = input_ids, inputs_embeds, attention_mask
+        self.position_ids, self.cache, self.past, self.batch, self.seq = position_ids, cache, past, batch, seq
+        self._weights = weights
+        self._masks = {}
+
+    def place(self, array):
+        """A host-built array (mask, positions, cos/sin) where the weights live (GPU for cupy)."""
+        return ops.like(array, self._weights)
+
+    def embed(self, table, lookup=None):
+        """The input vectors: lookup(input_ids, table) (default table[input_ids]), or inputs_embeds
+        as given, in the table's dtype. -> (batch, seq, hidden_size)"""
+        if self.inputs_embeds is not None:
+            return self.place(self.inputs_embeds).astype(table.dtype)
+        ids = self.place(self.input_ids)
+        return table[ids] if lookup is None else lookup(ids, table)
+
+    def mask(self, window=None, kv_seq=None):
+        """(batch or 1, 1, seq, kv_seq) bool: may query i attend to key j? Causal, within `window`
+        when given, never to padding. The keys are the last kv_seq positions a cache returned
+        (default: all past + seq). Built once per (window, kv_seq) and shared by the layers."""
+        kv_seq = self.past + self.seq if kv_seq is None else kv_seq
+        if (window, kv_seq) not in self._masks:
+            q_idx = np.arange(self.past, self.past + self.seq)  # the queries' columns in attention_mask
+            mask = mask_for_cached_keys(self.attention_mask, q_idx, kv_seq, window)
+            self._masks[window, kv_seq] = self.place(mask)
+        return self._masks[window, kv_seq]
+
+    def output(self, x, hidden_states=None, attentions=None, router_logits=None):
+        """The base model's ModelOutput: final hidden states, the cache, and whichever per-layer
+        lists were collected (None: not requested)."""
+        return ModelOutput(
+            last_hidden_state=x,
+            past_key_values=self.cache,
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            attentions=None if attentions is None else tuple(attentions),
+            router_logits=None if router_logits is None else tuple(router_logits),
+        )
 
 
 class BaseModel(PreTrainedModel):

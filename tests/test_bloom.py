@@ -9,9 +9,10 @@ import pytest
 
 import minilm
 from conftest import assert_close, load_reference, max_diff, tolerance
-from minilm.checkpoint import read_checkpoint, read_safetensors, write_safetensors
+from minilm.io.safetensors import read_checkpoint, read_safetensors, write_safetensors
 from minilm.errors import CheckpointError, ConfigError
-from minilm.models.bloom import (BloomBackbone, BloomConfig, BloomForCausalLM, BloomForTokenClassification, BloomModel,
+from minilm import BloomBackbone
+from minilm.models.bloom import (BloomConfig, BloomForCausalLM, BloomForTokenClassification, BloomModel,
                                  alibi_bias, alibi_slopes)
 from parity import check_generation, compare_outputs, forward_kwargs
 
@@ -21,7 +22,7 @@ FIXTURES = {
     "bloom_token_cls": "BloomForTokenClassification",
     "bloom_qa": "BloomForQuestionAnswering",
     "bloom_base": "BloomModel",
-    "bloom_hub_post_ln": "BloomForCausalLM",  # scripts/make_fixtures_extra.py
+    "bloom_hub_post_ln": "BloomForCausalLM",
 }
 
 

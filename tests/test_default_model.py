@@ -1,4 +1,4 @@
-"""minilm.default_model: the GGUF is placed in the cache atomically, reused, and never left half
+"""minilm.io.default_model: the GGUF is placed in the cache atomically, reused, and never left half
 written. Most tests use a fake package with small part files; one checks the real package."""
 
 import hashlib
@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from minilm import default_model
-from minilm.default_model import default_model_path, minilm_cache_dir
+from minilm.io import default_model
+from minilm.io.default_model import default_model_path, minilm_cache_dir
 from minilm.errors import CheckpointError, CheckpointNotFoundError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minilm
-from minilm.checkpoint import read_safetensors, write_safetensors
+from minilm.io.safetensors import read_safetensors, write_safetensors
 
 
 @pytest.fixture(scope="module")

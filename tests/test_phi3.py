@@ -11,10 +11,11 @@ import pytest
 
 import minilm
 from conftest import assert_close, load_reference
-from minilm.checkpoint import read_checkpoint, read_safetensors, write_safetensors
+from minilm.io.safetensors import read_checkpoint, read_safetensors, write_safetensors
 from minilm.errors import CheckpointError, ConfigError
 from minilm.generation import generate
-from minilm.models.phi3 import Phi3Backbone, Phi3Config, Phi3ForCausalLM, Phi3Model
+from minilm import Phi3Backbone
+from minilm.models.phi3 import Phi3Config, Phi3ForCausalLM, Phi3Model
 from minilm.rope import rope_for_positions
 from parity import check_generation, compare_outputs, forward_kwargs
 
@@ -24,7 +25,7 @@ FIXTURES = {
     "phi3_token_cls": "Phi3ForTokenClassification",
     "phi3_longrope": "Phi3ForCausalLM",
     "phi3_su": "Phi3ForCausalLM",
-    "phi3_partial_rotary": "Phi3ForCausalLM",  # scripts/make_fixtures_extra.py
+    "phi3_partial_rotary": "Phi3ForCausalLM",
 }
 
 

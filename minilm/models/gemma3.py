@@ -3,7 +3,8 @@ attention layers, each kind with its own RoPE base.
 
 Read top to bottom: config -> Gemma's RMSNorm and scaled embeddings -> RoPE per layer type ->
 attention (GQA, QK-norm, query_pre_attn_scalar, optional logit soft cap) -> GELU-tanh MLP ->
-decoder layer (four norms) -> model -> causal-LM head (final logit soft cap) -> keras-hub backbone.
+decoder layer (four norms) -> model -> causal-LM head (final logit soft cap). (keras-hub-style API:
+`minilm/keras/gemma3.py`.)
 
 What Gemma 3 changes against a Llama-style decoder (transformers' `modular_gemma3.py`):
 
@@ -30,12 +31,11 @@ import dataclasses
 import numpy as np
 
 from .. import nn, ops
-from ..backbone import Backbone, TokenEmbedding
 from ..cache import SlidingWindowCache
 from ..config import PretrainedConfig, check_positive
 from ..errors import ConfigError
 from ..heads import ForCausalLM
-from ..modeling import BaseModel, ModelOutput, check_model_inputs
+from ..modeling import BaseModel, prepare_inputs
 from ..rope import apply_rope, compute_inv_freq, rope_cos_sin, rope_type
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # the two values of config.layer_types
@@ -197,23 +197,7 @@ def layer_type_rope(cfg, layer_type, seq_len):
 # ---------------------------------------------------------------------------------------------
 
 
-def attention_mask_for_keys(attention_mask, q_idx, kv_seq, window):
-    """Boolean mask for the kv_seq keys a cache returned: the LAST kv_seq positions, oldest first
-    (the reference KVCache returns them all; SlidingWindowCache the ones a window can still see).
-
-    q_idx: (seq,) the queries' columns in attention_mask, (batch, past + seq) or None
-    -> (batch or 1, 1, seq, kv_seq) bool
-
-    sliding_window=3, KVCache     k: 0 1 2 3 4       SlidingWindowCache  k: 2 3 4
-    q=4                              . . x x x                              x x x
-    """
-    end = q_idx[-1] + 1
-    k_idx = np.arange(end - kv_seq, end)  # (kv_seq,) the keys' columns
-    padding = None if attention_mask is None else attention_mask[:, k_idx]  # (batch, kv_seq)
-    return nn.attention_mask_4d(padding, q_idx, k_idx, window)
-
-
-def attention(x, p, cfg, layer_idx, cos, sin, mask_for, cache, output_attentions):
+def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     """x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), attention weights or None"""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
@@ -223,9 +207,9 @@ def attention(x, p, cfg, layer_idx, cos, sin, mask_for, cache, output_attentions
         q = gemma_rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps)
         k = gemma_rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
-    mask = mask_for(cfg.layer_window(layer_idx), k.shape[2])  # (batch or 1, 1, seq, kv_seq)
+    if inputs.cache is not None:
+        k, v = inputs.cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
+    mask = inputs.mask(cfg.layer_window(layer_idx), k.shape[2])  # (batch or 1, 1, seq, kv_seq): the keys returned
     out, weights = ops.attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar**-0.5,
                                  soft_cap=cfg.attention_soft_cap, return_weights=output_attentions)
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
@@ -247,11 +231,11 @@ def mlp(x, p, cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask_for, cache, output_attentions):
+def decoder_layer(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     """Sandwich norms: h = x + norm(attn(norm(x))), then h + norm(mlp(norm(h)))."""
     eps = cfg.rms_norm_eps
     attn_out, weights = attention(gemma_rms_norm(x, p.input_layernorm.weight, eps), p.self_attn, cfg, layer_idx,
-                                  cos, sin, mask_for, cache, output_attentions)
+                                  cos, sin, inputs, output_attentions)
     if cfg.use_post_attention_norm:
         attn_out = gemma_rms_norm(attn_out, p.post_attention_layernorm.weight, eps)
     h = x + attn_out
@@ -271,44 +255,23 @@ def make_cache(cfg):
 def gemma3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
     """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm."""
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
-        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
-    if use_cache and past_key_values is None:
-        past_key_values = make_cache(cfg)
-    if inputs_embeds is None:
-        table = p.embed_tokens.weight
-        x = scaled_embedding(ops.like(input_ids, table), table)  # (batch, seq, hidden_size)
-    else:
-        x = ops.like(inputs_embeds, p.norm.weight).astype(p.norm.weight.dtype)  # used as given (not scaled)
-    if position_ids is None:
-        position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
-    seq_len = int(np.max(position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
-    rope = {kind: tuple(ops.like(a, x) for a in rope_cos_sin(position_ids, *layer_type_rope(cfg, kind, seq_len)))
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids,
+                            past_key_values, use_cache, new_cache=make_cache)
+    x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size); inputs_embeds unscaled
+    seq_len = int(np.max(inputs.position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
+    rope = {kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))
             for kind in sorted(set(cfg.layer_types))}  # (batch, seq, head_dim) x2 per layer type
-    q_idx = np.arange(past, past + seq)  # the queries' columns in attention_mask (and cache slots)
-    masks = {}
-
-    def mask_for(window, kv_seq):
-        """The mask for keys a cache returned, built once per (window, kv_seq) and shared by the layers."""
-        if (window, kv_seq) not in masks:
-            masks[window, kv_seq] = ops.like(attention_mask_for_keys(attention_mask, q_idx, kv_seq, window), x)
-        return masks[window, kv_seq]
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.layers):
         all_hidden.append(x)
         cos, sin = rope[cfg.layer_types[layer_idx]]
-        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask_for, past_key_values, output_attentions)
+        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, inputs, output_attentions)
         all_attentions.append(weights)
     x = gemma_rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     all_hidden.append(x)
-    return ModelOutput(
-        last_hidden_state=x,
-        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
-        hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        attentions=tuple(all_attentions) if output_attentions else None,
-    )
+    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
+                         attentions=all_attentions if output_attentions else None)
 
 
 def gemma3_shapes(cfg):
@@ -373,102 +336,3 @@ class Gemma3ForCausalLM(ForCausalLM):
         logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else nn.soft_cap(logits, cap)
-
-
-# ---------------------------------------------------------------------------------------------
-# keras-hub-style backbone
-# ---------------------------------------------------------------------------------------------
-
-
-class Gemma3TokenEmbedding(TokenEmbedding):
-    """keras-hub's ReversibleEmbedding with `logit_soft_cap`: reverse=True gives capped logits."""
-
-    def __call__(self, inputs, reverse=False):
-        out = super().__call__(inputs, reverse=reverse)
-        cap = self._backbone.config.final_logit_softcapping
-        return nn.soft_cap(out, cap) if reverse and cap is not None else out
-
-
-class Gemma3Backbone(Backbone):
-    """keras-hub's Gemma3Backbone arguments on top of Gemma3TextModel (text only).
-
-    keras-hub's layer pattern is fixed: with use_sliding_window_attention, layer i is local when
-    i % 6 < 5; local layers use RoPE base 10 000 and global ones 1 000 000, each with its own
-    linear scaling factor (positions / factor). query_head_dim_normalize scales queries by
-    head_dim ** -0.5, else by (hidden_dim // num_query_heads) ** -0.5 (this is what keras-hub
-    documents; its decoder block currently hard-codes True).
-    """
-
-    model_class = Gemma3TextModel
-
-    def __init__(self, vocabulary_size, image_size, num_layers, num_query_heads, num_key_value_heads, hidden_dim,
-                 intermediate_dim, head_dim, query_head_dim_normalize=True, use_query_key_norm=True,
-                 use_post_ffw_norm=False, use_post_attention_norm=False, attention_logit_soft_cap=None,
-                 final_logit_soft_cap=None, use_sliding_window_attention=False, sliding_window_size=1024,
-                 local_rope_scaling_factor=1.0, global_rope_scaling_factor=1.0, vision_encoder=None,
-                 layer_norm_epsilon=1e-6, dropout=0, dtype=None, **kwargs):
-        if vision_encoder is not None:
-            # The seam for images: encode -> pool to mm_tokens_per_image -> RMSNorm -> project, then
-            # interleave with the text embeddings and let one image's tokens attend bidirectionally.
-            raise NotImplementedError("Gemma3Backbone(vision_encoder=...) is not implemented: minilm's Gemma 3 is "
-                                      "text only; pass vision_encoder=None")
-        if local_rope_scaling_factor != 1.0:
-            raise ConfigError(f"local_rope_scaling_factor={local_rope_scaling_factor}: minilm's Gemma 3 (like every "
-                              "released checkpoint) scales RoPE on the global layers only; use 1.0")
-        hf_config = Gemma3TextConfig(
-            vocab_size=vocabulary_size, num_hidden_layers=num_layers, num_attention_heads=num_query_heads,
-            num_key_value_heads=num_key_value_heads, hidden_size=hidden_dim, intermediate_size=intermediate_dim,
-            head_dim=head_dim,
-            query_pre_attn_scalar=head_dim if query_head_dim_normalize else hidden_dim // num_query_heads,
-            use_query_key_norm=use_query_key_norm, use_post_ffw_norm=use_post_ffw_norm,
-            use_post_attention_norm=use_post_attention_norm,
-            attn_logit_softcapping=attention_logit_soft_cap,
-            apply_attn_logit_softcapping=attention_logit_soft_cap is not None,
-            final_logit_softcapping=final_logit_soft_cap,
-            layer_types=[SLIDING if use_sliding_window_attention and i % 6 < 5 else FULL for i in range(num_layers)],
-            sliding_window=sliding_window_size, rope_local_base_freq=10_000.0, rope_theta=1_000_000.0,
-            rope_scaling=(None if global_rope_scaling_factor == 1.0
-                          else {"rope_type": "linear", "factor": float(global_rope_scaling_factor)}),
-            rms_norm_eps=layer_norm_epsilon, attention_dropout=dropout)
-        self.image_size = image_size
-        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
-
-    @property
-    def token_embedding(self):
-        return Gemma3TokenEmbedding(self)
-
-    def get_config(self):
-        return {**super().get_config(), "image_size": getattr(self, "image_size", None)}
-
-    @classmethod
-    def from_hf_config(cls, c):
-        """keras-hub arguments for a Gemma3TextConfig; ConfigError for what keras-hub cannot express."""
-        sliding = SLIDING in c.layer_types
-        keras_types = [SLIDING if sliding and i % 6 < 5 else FULL for i in range(c.num_hidden_layers)]
-        scaling = c.rope_scaling or {}
-        problems = []
-        if c.layer_types != keras_types:
-            problems.append(f"layer_types {c.layer_types} (keras-hub: local when i % 6 < 5)")
-        if (c.rope_theta, c.rope_local_base_freq) != (1_000_000.0, 10_000.0):
-            problems.append(f"rope_theta={c.rope_theta}, rope_local_base_freq={c.rope_local_base_freq} "
-                            "(keras-hub: 1e6 and 1e4)")
-        if scaling and rope_type(scaling) != "linear":
-            problems.append(f"rope_scaling {scaling} (keras-hub: linear only)")
-        if c.query_pre_attn_scalar not in (c.head_dim, c.hidden_size // c.num_attention_heads):
-            problems.append(f"query_pre_attn_scalar={c.query_pre_attn_scalar} (keras-hub: head_dim or "
-                            "hidden_size // num_attention_heads)")
-        if c.attn_logit_softcapping is not None and not c.apply_attn_logit_softcapping:
-            problems.append("attn_logit_softcapping set but not applied (as in transformers; keras-hub applies it)")
-        if problems:
-            raise ConfigError("Gemma3Backbone cannot express this Gemma3TextConfig: " + "; ".join(problems))
-        return dict(
-            vocabulary_size=c.vocab_size, image_size=None, num_layers=c.num_hidden_layers,
-            num_query_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-            hidden_dim=c.hidden_size, intermediate_dim=c.intermediate_size, head_dim=c.head_dim,
-            query_head_dim_normalize=c.query_pre_attn_scalar == c.head_dim,
-            use_query_key_norm=c.use_query_key_norm, use_post_ffw_norm=c.use_post_ffw_norm,
-            use_post_attention_norm=c.use_post_attention_norm, attention_logit_soft_cap=c.attention_soft_cap,
-            final_logit_soft_cap=c.final_logit_softcapping, use_sliding_window_attention=sliding,
-            sliding_window_size=c.sliding_window, local_rope_scaling_factor=1.0,
-            global_rope_scaling_factor=float(scaling.get("factor", 1.0)), vision_encoder=None,
-            layer_norm_epsilon=c.rms_norm_eps, dropout=c.attention_dropout)

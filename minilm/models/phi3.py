@@ -2,7 +2,7 @@
 projections and LongRoPE for long contexts.
 
 Read top to bottom: config -> attention (RoPE for this call: short or long factors, see
-`minilm.rope.rope_for_positions`) -> MLP -> decoder layer -> model -> heads -> keras-hub-style backbone.
+`minilm.rope.rope_for_positions`) -> MLP -> decoder layer -> model -> heads.
 
 Checkpoint layout, fixed once at load (and written back on save):
   - self_attn.qkv_proj (num_heads * head_dim + 2 * num_kv_heads * head_dim, hidden_size): three
@@ -38,12 +38,10 @@ import dataclasses
 import numpy as np
 
 from .. import nn, ops
-from ..backbone import Backbone
-from ..cache import KVCache
 from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
-from ..modeling import BaseModel, ModelOutput, check_model_inputs
+from ..modeling import BaseModel, prepare_inputs
 from ..rope import apply_rope, check_rope_scaling, rope_for_positions, rope_type
 
 # ---------------------------------------------------------------------------------------------
@@ -165,32 +163,21 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
 def phi3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
     """The backbone: embeddings -> decoder layers -> final RMSNorm."""
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
-        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
-    if use_cache and past_key_values is None:
-        past_key_values = KVCache(cfg.num_hidden_layers)
-    table = p.embed_tokens.weight  # (vocab_size, hidden_size)
-    x = table[ops.like(input_ids, table)] if inputs_embeds is None else ops.like(inputs_embeds, table).astype(table.dtype)
-    if position_ids is None:
-        position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
-    cos, sin = rope_for_positions(cfg, position_ids)  # (batch, seq, rope_dim); longrope: short or long set
-    mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.sliding_window)
-    cos, sin, mask = (ops.like(a, x) for a in (cos, sin, mask))  # built on the host, used where x lives
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids,
+                            past_key_values, use_cache)
+    x = inputs.embed(p.embed_tokens.weight)  # (batch, seq, hidden_size)
+    cos, sin = map(inputs.place, rope_for_positions(cfg, inputs.position_ids))  # (batch, seq, rope_dim); longrope: short or long set
+    mask = inputs.mask(cfg.sliding_window)  # (batch or 1, 1, seq, past + seq)
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.layers):
         all_hidden.append(x)
-        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, past_key_values, output_attentions)
+        x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, inputs.cache, output_attentions)
         all_attentions.append(weights)
     x = nn.rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     all_hidden.append(x)
-    return ModelOutput(
-        last_hidden_state=x,
-        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
-        hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        attentions=tuple(all_attentions) if output_attentions else None,
-    )
+    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
+                         attentions=all_attentions if output_attentions else None)
 
 
 def phi3_shapes(cfg):
@@ -269,8 +256,8 @@ class Phi3Model(BaseModel):
     config_class = Phi3Config
     backbone_shapes = staticmethod(phi3_shapes)
     backbone_forward = staticmethod(phi3_model)
-    convert_checkpoint = staticmethod(split_fused)  # checkpoint layout -> model layout, once at load
-    to_checkpoint = staticmethod(fuse_projections)  # and back, for save_pretrained
+    to_model_layout = staticmethod(split_fused)  # checkpoint layout -> model layout, once at load
+    to_checkpoint_layout = staticmethod(fuse_projections)  # and back, for save_pretrained
 
 
 class Phi3ForCausalLM(ForCausalLM):
@@ -295,57 +282,3 @@ class Phi3ForSequenceClassification(ForSequenceClassification):
 class Phi3ForTokenClassification(ForTokenClassification):
     config_class = Phi3Config
     base_model_class = Phi3Model
-
-
-# ---------------------------------------------------------------------------------------------
-# keras-hub-style backbone
-# ---------------------------------------------------------------------------------------------
-
-
-class Phi3Backbone(Backbone):
-    """keras-hub's Phi3Backbone arguments on top of Phi3Model. rope_scaling_type None is plain
-    RoPE; "su" (keras-hub's name) or "longrope" takes the short and long factors."""
-
-    model_class = Phi3Model
-
-    def __init__(self, vocabulary_size, num_layers, hidden_dim, intermediate_dim, num_query_heads, num_key_value_heads,
-                 layer_norm_epsilon=1e-6, dropout=0, max_sequence_length=4096, pretraining_sequence_length=4096,
-                 rope_max_wavelength=10000, rope_scaling_type=None, rope_scaling_short_factor=None,
-                 rope_scaling_long_factor=None, dtype=None, **kwargs):
-        if rope_scaling_type is None:
-            scaling = None
-        elif rope_scaling_type in ("su", "longrope"):
-            scaling = {"rope_type": "longrope", "short_factor": list(rope_scaling_short_factor or []),
-                       "long_factor": list(rope_scaling_long_factor or [])}
-        else:
-            raise ConfigError(f"Phi3Backbone: rope_scaling_type={rope_scaling_type!r}; use None or 'su'")
-        hf_config = Phi3Config(
-            vocab_size=vocabulary_size, num_hidden_layers=num_layers, hidden_size=hidden_dim,
-            intermediate_size=intermediate_dim, num_attention_heads=num_query_heads,
-            num_key_value_heads=num_key_value_heads, rms_norm_eps=layer_norm_epsilon, attention_dropout=dropout,
-            resid_pdrop=dropout, max_position_embeddings=max_sequence_length,
-            original_max_position_embeddings=pretraining_sequence_length, rope_theta=rope_max_wavelength,
-            rope_scaling=scaling)
-        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
-
-    @classmethod
-    def from_hf_config(cls, c):
-        """keras-hub arguments for a Phi3Config; ConfigError for what keras-hub cannot express."""
-        scaling = c.rope_scaling or {}
-        problems = []
-        if c.partial_rotary_factor != 1.0:
-            problems.append(f"partial_rotary_factor={c.partial_rotary_factor}")
-        if c.sliding_window is not None:
-            problems.append(f"sliding_window={c.sliding_window}")
-        if scaling.keys() & {"factor", "attention_factor"}:
-            problems.append(f"rope_scaling sets {sorted(scaling.keys() & {'factor', 'attention_factor'})}")
-        if problems:
-            raise ConfigError("Phi3Backbone cannot express this Phi3Config: " + "; ".join(problems))
-        return dict(
-            vocabulary_size=c.vocab_size, num_layers=c.num_hidden_layers, hidden_dim=c.hidden_size,
-            intermediate_dim=c.intermediate_size, num_query_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads, layer_norm_epsilon=c.rms_norm_eps, dropout=c.attention_dropout,
-            max_sequence_length=c.max_position_embeddings,
-            pretraining_sequence_length=c.original_max_position_embeddings, rope_max_wavelength=c.rope_theta,
-            rope_scaling_type="su" if scaling else None,
-            rope_scaling_short_factor=scaling.get("short_factor"), rope_scaling_long_factor=scaling.get("long_factor"))

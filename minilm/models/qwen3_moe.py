@@ -14,12 +14,10 @@ import dataclasses
 import numpy as np
 
 from .. import nn, ops
-from ..backbone import Backbone
-from ..cache import KVCache
 from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
-from ..modeling import BaseModel, ModelOutput, check_model_inputs
+from ..modeling import BaseModel, prepare_inputs
 from ..rope import apply_rope, compute_inv_freq, rope_cos_sin
 
 # ---------------------------------------------------------------------------------------------
@@ -182,23 +180,16 @@ def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=No
                     inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
                     output_router_logits=None):
     """The backbone: embeddings -> decoder layers -> final RMSNorm."""
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
-        cfg, input_ids, inputs_embeds, attention_mask, position_ids, past)
-    if use_cache and past_key_values is None:
-        past_key_values = KVCache(cfg.num_hidden_layers)
-    table = p.embed_tokens.weight  # (vocab_size, hidden_size)
-    x = table[ops.like(input_ids, table)] if inputs_embeds is None else ops.like(inputs_embeds, table).astype(table.dtype)
-    if position_ids is None:
-        position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
-    cos, sin = rope_cos_sin(position_ids, *compute_inv_freq(cfg))  # (batch, seq, head_dim)
-    mask = nn.attention_mask_4d(attention_mask, np.arange(past, past + seq), np.arange(past + seq), cfg.window)
-    cos, sin, mask = (ops.like(a, x) for a in (cos, sin, mask))  # built on the host, used where x lives
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids,
+                            past_key_values, use_cache)
+    x = inputs.embed(p.embed_tokens.weight)  # (batch, seq, hidden_size)
+    cos, sin = map(inputs.place, rope_cos_sin(inputs.position_ids, *compute_inv_freq(cfg)))  # (batch, seq, head_dim)
+    mask = inputs.mask(cfg.window)  # (batch or 1, 1, seq, past + seq)
 
     all_hidden, all_attentions, all_router_logits = [], [], []
     for layer_idx, layer in enumerate(p.layers):
         all_hidden.append(x)
-        x, weights, router_logits = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, past_key_values,
+        x, weights, router_logits = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, inputs.cache,
                                                   output_attentions)
         all_attentions.append(weights)
         if router_logits is not None:
@@ -207,13 +198,9 @@ def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=No
     all_hidden.append(x)
     if output_router_logits is None:
         output_router_logits = cfg.output_router_logits
-    return ModelOutput(
-        last_hidden_state=x,
-        past_key_values=past_key_values if use_cache or past_key_values is not None else None,
-        hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        attentions=tuple(all_attentions) if output_attentions else None,
-        router_logits=tuple(all_router_logits) if output_router_logits else None,
-    )
+    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
+                         attentions=all_attentions if output_attentions else None,
+                         router_logits=all_router_logits if output_router_logits else None)
 
 
 def qwen3_moe_shapes(cfg):
@@ -305,8 +292,8 @@ class Qwen3MoeModel(BaseModel):
     config_class = Qwen3MoeConfig
     backbone_shapes = staticmethod(qwen3_moe_shapes)
     backbone_forward = staticmethod(qwen3_moe_model)
-    convert_checkpoint = staticmethod(stack_experts)  # checkpoint layout -> model layout, once at load
-    to_checkpoint = staticmethod(unstack_experts)  # and back, for save_pretrained
+    to_model_layout = staticmethod(stack_experts)  # checkpoint layout -> model layout, once at load
+    to_checkpoint_layout = staticmethod(unstack_experts)  # and back, for save_pretrained
 
 
 def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
@@ -369,45 +356,3 @@ class Qwen3MoeForQuestionAnswering(ForQuestionAnswering):
     config_class = Qwen3MoeConfig
     base_model_class = Qwen3MoeModel
     base_model_prefix = "transformer"  # as transformers names it for this head
-
-
-# ---------------------------------------------------------------------------------------------
-# keras-hub-style backbone
-# ---------------------------------------------------------------------------------------------
-
-
-class Qwen3MoeBackbone(Backbone):
-    """keras-hub's Qwen3MoeBackbone arguments on top of Qwen3MoeModel."""
-
-    model_class = Qwen3MoeModel
-
-    def __init__(self, vocabulary_size, num_layers, num_query_heads, num_key_value_heads, hidden_dim,
-                 intermediate_dim, moe_intermediate_dim, num_experts, head_dim=None, top_k=4,
-                 norm_top_k_prob=False, decoder_sparse_step=1, rope_max_wavelength=10000,
-                 rope_scaling_factor=1.0, layer_norm_epsilon=1e-6, dropout=0, dtype=None,
-                 tie_word_embeddings=False, sliding_window_size=32768, router_aux_loss_coefficient=0.001,
-                 mlp_only_layers=None, **kwargs):
-        hf_config = Qwen3MoeConfig(
-            vocab_size=vocabulary_size, num_hidden_layers=num_layers, num_attention_heads=num_query_heads,
-            num_key_value_heads=num_key_value_heads, hidden_size=hidden_dim, intermediate_size=intermediate_dim,
-            moe_intermediate_size=moe_intermediate_dim, num_experts=num_experts, head_dim=head_dim,
-            num_experts_per_tok=top_k, norm_topk_prob=norm_top_k_prob, decoder_sparse_step=decoder_sparse_step,
-            rope_theta=rope_max_wavelength,
-            rope_scaling=None if rope_scaling_factor == 1.0 else {"rope_type": "linear", "factor": rope_scaling_factor},
-            rms_norm_eps=layer_norm_epsilon, attention_dropout=dropout, tie_word_embeddings=tie_word_embeddings,
-            use_sliding_window=sliding_window_size is not None, sliding_window=sliding_window_size,
-            router_aux_loss_coef=router_aux_loss_coefficient, mlp_only_layers=mlp_only_layers)
-        super().__init__(hf_config, dtype=dtype, params=kwargs.get("params"))
-
-    @classmethod
-    def from_hf_config(cls, c):
-        factor = (c.rope_scaling or {}).get("factor", 1.0) if (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type")) == "linear" else 1.0
-        return dict(
-            vocabulary_size=c.vocab_size, num_layers=c.num_hidden_layers, num_query_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads, hidden_dim=c.hidden_size, intermediate_dim=c.intermediate_size,
-            moe_intermediate_dim=c.moe_intermediate_size, num_experts=c.num_experts, head_dim=c.head_dim,
-            top_k=c.num_experts_per_tok, norm_top_k_prob=c.norm_topk_prob, decoder_sparse_step=c.decoder_sparse_step,
-            rope_max_wavelength=c.rope_theta, rope_scaling_factor=factor, layer_norm_epsilon=c.rms_norm_eps,
-            dropout=c.attention_dropout, tie_word_embeddings=c.tie_word_embeddings,
-            sliding_window_size=c.sliding_window if c.use_sliding_window else None,
-            router_aux_loss_coefficient=c.router_aux_loss_coef, mlp_only_layers=list(c.mlp_only_layers))

@@ -42,17 +42,16 @@ from datetime import datetime
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
-from minilm.default_model import minilm_cache_dir
-from minilm.errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError, UnknownArchitectureError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError, UnknownArchitectureError
+from .default_model import minilm_cache_dir
+from .gguf import GGUFFile, read_gguf
+from .registry import GEMMA_TOKENIZER_ARCHITECTURES
 
 # Bump when the build recipe changes, so that stale cached tokenizers are not reused.
 CACHE_FORMAT_VERSION = 1
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-# Architectures whose GGUF tokenizer follows the Gemma recipe above.
-GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,10 +141,10 @@ def gemma_backend_from_gguf_metadata(meta: dict) -> tokenizers.Tokenizer:
     """Check the metadata describes a Gemma SentencePiece tokenizer, and build it."""
     architecture = meta.get("general.architecture")
     model = meta.get("tokenizer.ggml.model")
-    if model != "llama" or architecture not in GEMMA_ARCHITECTURES:
+    if model != "llama" or architecture not in GEMMA_TOKENIZER_ARCHITECTURES:
         raise UnknownArchitectureError(
             f"minilm builds GGUF tokenizers for Gemma SentencePiece vocabularies only "
-            f"(tokenizer.ggml.model='llama', architecture in {GEMMA_ARCHITECTURES}); this file has "
+            f"(tokenizer.ggml.model='llama', architecture in {GEMMA_TOKENIZER_ARCHITECTURES}); this file has "
             f"tokenizer.ggml.model={model!r}, general.architecture={architecture!r}"
         )
     for key in ("tokens", "token_type"):
@@ -244,9 +243,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source, use_cache: bool = True) -> "Tokenizer":
-        """Build from a GGUF path or an opened `minilm.gguf.GGUFFile` (cached on disk; see module doc)."""
-        from minilm.gguf import GGUFFile, read_gguf
-
+        """Build from a GGUF path or an opened `minilm.io.gguf.GGUFFile` (cached on disk; see module doc)."""
         gguf_file = source if isinstance(source, GGUFFile) else None
         path = gguf_file.path if gguf_file is not None else pathlib.Path(source)
         if not path.is_file():

