@@ -66,6 +66,7 @@ class PretrainedConfig:
         except TypeError as e:  # a wrong type that the dataclass itself rejects
             raise ConfigError(f"{cls.__name__}: {e}") from None
         config.extra = extra
+        config.defaulted = sorted(known - kwargs.keys())  # fields config.json left out: defaults used
         return config
 
     @classmethod
@@ -84,6 +85,13 @@ class PretrainedConfig:
             d["label2id"] = {v: k for k, v in self.id2label.items()}
         d.update(self.extra)
         return d
+
+    def defaulted_sizes(self):
+        """The integer fields (sizes, counts) that config.json did not set, with the defaults used:
+        the usual suspects when the weights do not fit the config."""
+        shared = PretrainedConfig.field_names()  # token ids, num_labels, ...: not the family's sizes
+        names = [n for n in getattr(self, "defaulted", []) if n not in shared and type(getattr(self, n)) is int]
+        return ", ".join(f"{n}={getattr(self, n)}" for n in names)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

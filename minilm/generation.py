@@ -79,18 +79,36 @@ def next_tokens(logits, generated_ids, *, do_sample, temperature, top_k, top_p, 
 
 
 def check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    """InputError naming the option when a value is impossible (NaN included)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature is None or temperature <= 0:
-        raise InputError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature!r}")
-    if top_k is not None and top_k < 0:
-        raise InputError(f"top_k must be >= 0, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise InputError(f"min_p must be in [0, 1], got {min_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if not _is_number(temperature) or not 0 < temperature < np.inf:
+        raise InputError(f"temperature must be a finite number > 0 (greedy: do_sample=False), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise InputError(f"top_k must be an integer >= 0, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
+        raise InputError(f"min_p must be in [0, 1], got {min_p!r}")
+    if repetition_penalty is not None and (not _is_number(repetition_penalty) or not 0 < repetition_penalty < np.inf):
+        raise InputError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_prompt_ids(input_ids):
+    """The prompt as (batch, seq) int64: integers only (floats are refused, never truncated),
+    at least one token per row."""
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise InputError(f"input_ids must have shape (batch, seq); got shape {input_ids.shape}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids is empty (shape {input_ids.shape}): generation needs at least one prompt token")
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise InputError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
+    return input_ids.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,8 +125,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     Returns (batch, seq + new) int64: prompt + new ids, transformers' convention. A row that
     emits an EOS token continues with pad_token_id until every row is done.
     """
-    input_ids = np.asarray(input_ids)
-    columns = [input_ids.astype(np.int64)]
+    input_ids = check_prompt_ids(input_ids)
+    columns = [input_ids]
     for tokens in generate_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -125,9 +143,7 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
     Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the token
     just chosen. Stopping early (stop strings, streaming) is just not asking for the next one.
     """
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise InputError(f"input_ids must have shape (batch, seq); got {input_ids.shape}")
+    input_ids = check_prompt_ids(input_ids)
     check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     cfg = model.config
     if attention_mask is None:

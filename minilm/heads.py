@@ -37,9 +37,19 @@ def cross_entropy(logits, labels, ignore_index=-100):
     return np.float32(-np.mean(log_probs[np.arange(keep.sum()), labels[keep]]))
 
 
+def check_labels(labels, shape, what):
+    """InputError unless `labels` are integers of `shape` (a loss must never index out of its row)."""
+    labels = np.asarray(labels)
+    if labels.shape != tuple(shape):
+        raise InputError(f"{what} must have shape {tuple(shape)}; got {labels.shape}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{what} must be integers; got dtype {labels.dtype}")
+
+
 def causal_lm_loss(logits, labels):
     """Next-token prediction: position t predicts labels[t + 1]; -100 marks ignored labels."""
     labels = np.asarray(labels)
+    check_labels(labels, logits.shape[:2], "labels (one token id per position)")
     shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), -100)], axis=1)  # (batch, seq)
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
 
@@ -56,7 +66,11 @@ def sequence_classification_loss(pooled_logits, labels, config):
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
-    logits = pooled_logits.astype(np.float32)
+    logits = pooled_logits.astype(np.float32)  # (batch, num_labels)
+    batch = logits.shape[0]
+    expected = (batch,) if problem == "single_label_classification" or config.num_labels == 1 else logits.shape
+    if labels.size != np.prod(expected) or (labels.ndim > 1 and labels.shape != tuple(expected)):
+        raise InputError(f"labels for {problem} must have shape {tuple(expected)}; got {labels.shape}")
     if problem == "regression":
         if config.num_labels == 1:
             return np.float32(np.mean((logits.squeeze() - labels.astype(np.float32).squeeze()) ** 2))
@@ -71,6 +85,8 @@ def sequence_classification_loss(pooled_logits, labels, config):
 def question_answering_loss(start_logits, end_logits, start_positions, end_positions):
     """Mean of the start and end cross entropies; positions outside the sequence are ignored."""
     seq = start_logits.shape[1]
+    for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+        check_labels(np.asarray(positions).reshape(-1), (start_logits.shape[0],), name)
     start = np.clip(np.asarray(start_positions).reshape(-1), 0, seq)
     end = np.clip(np.asarray(end_positions).reshape(-1), 0, seq)
     return np.float32((cross_entropy(start_logits, start, ignore_index=seq) + cross_entropy(end_logits, end, ignore_index=seq)) / 2)
@@ -204,6 +220,7 @@ class ForTokenClassification(HeadModel):
         logits = ops.linear(out.last_hidden_state, head.weight, head.bias)  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
+            check_labels(labels, logits.shape[:2], "labels (one class per token)")
             loss = cross_entropy(ops.to_host(logits).reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1))
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 

@@ -193,15 +193,18 @@ class PreTrainedModel:
         the other in the order `parameter_shapes` lists them, which is the order a forward pass
         reads them. The checkpoint's arrays are never kept (a read-only memory map, the caller's
         arrays), and a decode step streams through one region of memory, which NumPy backs with
-        huge pages where the system allows: on the 270M this decodes ~13% faster on the NumPy
-        path than one array per tensor (README, "Speed"). Each weight is a view of the buffer."""
+        huge pages where the system allows (faster than one array per tensor, because decode is
+        bound by memory traffic). Each weight is a view of the buffer."""
         tensors = self._align_prefix({k: v for k, v in tensors.items() if not k.endswith(self.ignored_checkpoint_keys)})
         tensors = self.to_model_layout(tensors, self.config)
         expected = self.parameter_shapes()
         tied = self.tied_weights()  # e.g. {"lm_head.weight": "model.embed_tokens.weight"}
         missing = [k for k in expected if k not in tensors and k not in tied]
         unexpected = [k for k in tensors if k not in expected]
-        hint = f" (does config.json match the checkpoint? {type(self).__name__} expects {len(expected)} tensors)"
+        hint = f" (does config.json match the checkpoint? {type(self).__name__} expects {len(expected)} tensors"
+        if self.config.defaulted_sizes():
+            hint += f"; config.json does not set {self.config.defaulted_sizes()}, so these defaults were used"
+        hint += ")"
         if missing:
             raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {_first(missing)}{hint}")
         if unexpected:

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from .errors import ConfigError
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +106,6 @@ ACTIVATIONS = {
 
 def activation(name):
     """The activation function a config names (`hidden_act` / `hidden_activation`)."""
-    from .errors import ConfigError
-
     if name not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -179,18 +179,8 @@ def position_ids_from_attention_mask(attention_mask):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention helpers and MLP
+# Attention heads: split and merge
 # ---------------------------------------------------------------------------------------------
-
-
-def repeat_kv(x, num_groups):
-    """Grouped-query attention: each key/value head serves `num_groups` query heads.
-
-    (batch, num_kv_heads, kv_seq, head_dim) -> (batch, num_kv_heads * num_groups, kv_seq, head_dim)
-    """
-    if num_groups == 1:
-        return x
-    return np.repeat(x, num_groups, axis=1)
 
 
 def split_heads(x, num_heads, head_dim):
@@ -203,8 +193,3 @@ def merge_heads(x):
     """(batch, num_heads, seq, head_dim) -> (batch, seq, num_heads * head_dim)"""
     b, h, s, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
-
-
-def embedding(token_ids, table):
-    """Look up rows of the embedding table. token_ids: (batch, seq) -> (batch, seq, hidden_size)"""
-    return table[token_ids]

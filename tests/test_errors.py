@@ -207,3 +207,54 @@ def test_offline_hub_handle(tmp_path, monkeypatch):
         minilm.Backbone.from_preset("hf://Qwen/Qwen3-30B-A3B")
     with pytest.raises(minilm.CheckpointNotFoundError, match="cannot resolve 'kaggle://"):
         minilm.Backbone.from_preset("kaggle://keras/qwen3_moe/keras/x")
+
+
+# -- generation and losses: every bad value named, never a traceback from inside NumPy -----------------
+
+
+def test_generation_refuses_what_it_cannot_honour(model):
+    ids = np.array([[1, 2, 3]])
+    with pytest.raises(minilm.InputError, match="integer token ids"):
+        model.generate([[1.7, 5.2, 7.9]], max_new_tokens=1)  # never truncated to [1, 5, 7]
+    with pytest.raises(minilm.InputError, match="empty"):
+        model.generate(np.zeros((1, 0), np.int64), max_new_tokens=1)
+    for bad in (float("nan"), float("inf"), 0.0, -1.0, "hot"):
+        with pytest.raises(minilm.InputError, match="temperature"):
+            model.generate(ids, max_new_tokens=1, do_sample=True, temperature=bad)
+    with pytest.raises(minilm.InputError, match="top_p"):
+        model.generate(ids, max_new_tokens=1, do_sample=True, top_p=float("nan"))
+    with pytest.raises(minilm.InputError, match="top_k"):
+        model.generate(ids, max_new_tokens=1, do_sample=True, top_k=2.5)
+    with pytest.raises(minilm.InputError, match="max_new_tokens"):
+        model.generate(ids, max_new_tokens=True)
+
+
+def test_generation_with_router_logits_in_the_config(config):
+    """config.json's output_router_logits=True must not break generation (the aux loss of a
+    cached step covers the new token only; transformers 5.23 crashes here)."""
+    lm = minilm.Qwen3MoeForCausalLM(config.replace(output_router_logits=True), seed=1)
+    plain = minilm.Qwen3MoeForCausalLM(config, params=lm.state_dict())
+    ids, mask = np.array([[0, 5, 6, 7], [4, 5, 6, 7]]), np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(lm.generate(ids, attention_mask=mask, max_new_tokens=4),
+                                  plain.generate(ids, attention_mask=mask, max_new_tokens=4))
+    out = lm(ids, attention_mask=mask)
+    assert np.isfinite(out.aux_loss) and out.router_logits is not None
+
+
+@pytest.mark.parametrize("head, kwargs, match", [
+    ("Qwen3MoeForCausalLM", {"labels": np.array([[1, 2]])}, "labels"),
+    ("Qwen3MoeForTokenClassification", {"labels": np.array([1, 0, 1])}, "labels"),
+    ("Qwen3MoeForSequenceClassification", {"labels": np.array([[1, 0, 1]])}, "labels"),
+    ("Qwen3MoeForQuestionAnswering", {"start_positions": np.array([1, 2]), "end_positions": np.array([2])},
+     "start_positions"),
+])
+def test_labels_of_the_wrong_shape(config, head, kwargs, match):
+    model = getattr(minilm, head)(config)
+    with pytest.raises(minilm.InputError, match=match):
+        model(np.array([[1, 2, 3]]), **kwargs)
+
+
+def test_a_size_missing_from_config_json_is_named(saved, tmp_path):
+    copy_checkpoint(saved, tmp_path / "m", edit_config=lambda c: c.pop("hidden_size"))
+    with pytest.raises(minilm.CheckpointError, match="config.json does not set hidden_size=2048"):
+        minilm.from_pretrained(tmp_path / "m")

@@ -19,7 +19,7 @@ import os
 import pathlib
 import tempfile
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..errors import CheckpointError, CheckpointNotFoundError
 

@@ -30,7 +30,7 @@ import os
 import pathlib
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError
 from .quants import DEQUANTIZE, dequantize_bytes

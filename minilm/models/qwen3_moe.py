@@ -301,9 +301,14 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
 
         num_experts * sum_e (fraction of routed slots that chose e) * (mean router probability of e)
 
-    averaged over the tokens the attention mask keeps. router_logits: tuple of (tokens, num_experts).
+    averaged over the tokens the attention mask keeps. router_logits: tuple of (tokens, num_experts),
+    the tokens of this call; attention_mask: (batch, past + seq), of which the last seq columns count.
     """
     router_logits = [ops.to_host(r) for r in router_logits]  # a scalar loss: computed on the host
+    if attention_mask is not None:  # the columns of this call's tokens (generation passes past + seq columns)
+        attention_mask = np.asarray(attention_mask)
+        seq = router_logits[0].shape[0] // attention_mask.shape[0]
+        attention_mask = attention_mask[:, attention_mask.shape[1] - seq :]  # (batch, seq)
     probs = nn.softmax(np.concatenate(router_logits, axis=0).astype(np.float32), axis=-1)  # (layers * tokens, num_experts)
     top_k_index = top_k_experts(probs, top_k)  # (layers * tokens, top_k)
     chosen = np.zeros_like(probs)
