@@ -19,6 +19,7 @@ from .errors import (
     ConfigError,
     InputError,
     MinilmError,
+    NumericalError,
     UnknownArchitectureError,
 )
 from .io import default_model
@@ -74,6 +75,7 @@ __all__ = [
     "InputError",
     "KVCache",
     "MinilmError",
+    "NumericalError",
     "ModelOutput",
     "Phi3Backbone",
     "Phi3Config",

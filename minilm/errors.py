@@ -31,3 +31,8 @@ class CheckpointError(MinilmError, ValueError):
 
 class CheckpointNotFoundError(MinilmError, FileNotFoundError):
     """A file or folder that should hold a checkpoint, config or preset is not there."""
+
+
+class NumericalError(MinilmError, ArithmeticError):
+    """A forward pass produced NaN or infinite values where there must be numbers, e.g. logits of
+    a model run in float16 whose activations overflow (float32 or bfloat16 have the range)."""

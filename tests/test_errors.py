@@ -258,3 +258,18 @@ def test_a_size_missing_from_config_json_is_named(saved, tmp_path):
     copy_checkpoint(saved, tmp_path / "m", edit_config=lambda c: c.pop("hidden_size"))
     with pytest.raises(minilm.CheckpointError, match="config.json does not set hidden_size=2048"):
         minilm.from_pretrained(tmp_path / "m")
+
+
+def test_overflowing_logits_are_an_error_not_an_empty_answer(model):
+    """float16 activations that overflow give inf/NaN logits: generation says so instead of
+    sampling from garbage (the NumPy path used to return '' for the real 270M in float16)."""
+    half = minilm.Qwen3MoeForCausalLM(model.config, params=model.state_dict(), dtype="float16")
+    half.params.model.norm.weight[...] = 1e3  # hidden states ~1e3, then
+    half.params.lm_head.weight[...] = 1e3  # logits = hidden @ W^T ~1e6: past float16's 65 504
+    with pytest.raises(minilm.NumericalError, match="float16"):
+        half.generate(np.array([[1, 2, 3]]), max_new_tokens=1)
+
+
+def test_a_weights_file_instead_of_its_folder(saved):
+    with pytest.raises(minilm.CheckpointNotFoundError, match="pass the folder that holds config.json"):
+        minilm.from_pretrained(saved / "model.safetensors")

