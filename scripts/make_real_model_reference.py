@@ -1,10 +1,11 @@
 """Write tests/fixtures/gemma3_270m_reference.json: what transformers does with the real Gemma 3 270M
 GGUF (Q4_K_M), for minilm's tests to compare against without importing torch.
 
-Run with the oracle environment (torch + transformers), after placing the GGUF with the runtime one:
+It needs the real model and an environment with minilm as well as torch and transformers
+(`pip install -e ".[fixtures]"`). Place the GGUF first, then run:
 
-    /work/venv/bin/python -c "from minilm.default_model import default_model_path; print(default_model_path())"
-    /work/fxvenv/bin/python scripts/make_real_model_reference.py [--gguf PATH]
+    python -c "from minilm.io.default_model import default_model_path; print(default_model_path())"
+    python scripts/make_real_model_reference.py [--gguf PATH]
 
 It records:
   - versions of transformers / torch / tokenizers / gguf, and the GGUF's SHA-256;
@@ -12,7 +13,7 @@ It records:
   - tokenizer ids (with and without BOS) and decodes for tricky strings;
   - a chat template rendering (the file has no template; a Gemma-style one is supplied);
   - per-tensor checksums of transformers' float32 weights (and it checks here, exactly, that
-    `minilm.gguf.gemma3_state_dict_from_gguf` gives the same arrays);
+    `minilm.io.gguf.gemma3_state_dict_from_gguf` gives the same arrays);
   - greedy continuations (float32, eager attention, do_sample=False) of 4 prompts, one longer
     than 600 tokens so that it crosses the 512-token sliding window, with the top-5 logits of
     the first generated position.
@@ -27,10 +28,11 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import time
 
 import numpy as np
+
+from minilm.io.gguf import gemma3_state_dict_from_gguf, read_gguf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +66,8 @@ TOKENIZER_STRINGS = [
 CHAT_TEMPLATE = (  # Gemma 3's instruction-tuned template (the 270M base GGUF ships none)
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
@@ -105,11 +108,28 @@ def default_gguf_path() -> pathlib.Path:
 
 def config_record(config) -> dict:
     keys = [
-        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_activation", "rms_norm_eps",
-        "rope_parameters", "sliding_window", "max_position_embeddings", "query_pre_attn_scalar",
-        "layer_types", "final_logit_softcapping", "attn_logit_softcapping", "bos_token_id",
-        "eos_token_id", "pad_token_id", "unk_token_id", "tie_word_embeddings",
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_activation",
+        "rms_norm_eps",
+        "rope_parameters",
+        "sliding_window",
+        "max_position_embeddings",
+        "query_pre_attn_scalar",
+        "layer_types",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "unk_token_id",
+        "tie_word_embeddings",
     ]
     full = config.to_dict()
     return {key: full.get(key) for key in keys}
@@ -119,13 +139,15 @@ def tokenizer_records(tokenizer) -> list[dict]:
     records = []
     for text in TOKENIZER_STRINGS:
         ids = tokenizer(text)["input_ids"]
-        records.append({
-            "text": text,
-            "ids": ids,
-            "ids_no_bos": tokenizer(text, add_special_tokens=False)["input_ids"],
-            "decoded": tokenizer.decode(ids),
-            "decoded_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
-        })
+        records.append(
+            {
+                "text": text,
+                "ids": ids,
+                "ids_no_bos": tokenizer(text, add_special_tokens=False)["input_ids"],
+                "decoded": tokenizer.decode(ids),
+                "decoded_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
+            }
+        )
     return records
 
 
@@ -150,32 +172,16 @@ def tensor_checksums(model) -> dict:
     return checksums
 
 
-def import_minilm_gguf():
-    """`minilm.gguf` alone: it needs only numpy, tqdm, gguf and `minilm.errors`, while the package's
-    `__init__` pulls in the whole runtime (numba, ml_dtypes, ...) that this oracle env lacks. An
-    empty package object whose `__path__` is the source folder lets submodules import as usual."""
-    import types
-
-    if "minilm" not in sys.modules:
-        package = types.ModuleType("minilm")
-        package.__path__ = [str(REPO / "minilm")]
-        sys.modules["minilm"] = package
-    import minilm.gguf
-
-    return minilm.gguf
-
-
 def compare_with_minilm(model, gguf_path: pathlib.Path) -> dict:
     """Check minilm's dequantized + converted tensors equal transformers' exactly."""
-    minilm_gguf = import_minilm_gguf()
-    gemma3_state_dict_from_gguf, read_gguf = minilm_gguf.gemma3_state_dict_from_gguf, minilm_gguf.read_gguf
-
     start = time.time()
     ours = gemma3_state_dict_from_gguf(read_gguf(gguf_path))
     seconds = time.time() - start
     theirs = {name: t.detach().float().numpy() for name, t in model.state_dict().items() if name != "lm_head.weight"}
     if set(ours) != set(theirs):
-        raise SystemExit(f"tensor names differ: only minilm {set(ours) - set(theirs)}, only HF {set(theirs) - set(ours)}")
+        raise SystemExit(
+            f"tensor names differ: only minilm {set(ours) - set(theirs)}, only HF {set(theirs) - set(ours)}"
+        )
     worst = 0.0
     for name, value in theirs.items():
         if ours[name].shape != value.shape:
@@ -196,22 +202,31 @@ def generation_records(model, tokenizer) -> list[dict]:
         with torch.no_grad():
             logits = model(**encoded).logits[0, -1]  # (vocab,) at the last prompt position
             output = model.generate(
-                **encoded, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=0,
-                temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+                **encoded,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=new_tokens,
+                min_new_tokens=0,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=None,
             )
         input_ids = encoded["input_ids"][0].tolist()
-        new_ids = output[0, len(input_ids):].tolist()
+        new_ids = output[0, len(input_ids) :].tolist()
         top = torch.topk(logits, 5)
-        records.append({
-            "name": name,
-            "prompt": prompt,
-            "input_ids": input_ids,
-            "max_new_tokens": new_tokens,
-            "new_ids": new_ids,
-            "new_text": tokenizer.decode(new_ids),
-            "first_step_top5_ids": top.indices.tolist(),
-            "first_step_top5_logits": [float(v) for v in top.values],
-        })
+        records.append(
+            {
+                "name": name,
+                "prompt": prompt,
+                "input_ids": input_ids,
+                "max_new_tokens": new_tokens,
+                "new_ids": new_ids,
+                "new_text": tokenizer.decode(new_ids),
+                "first_step_top5_ids": top.indices.tolist(),
+                "first_step_top5_logits": [float(v) for v in top.values],
+            }
+        )
         print(f"[{name}] {len(input_ids)} prompt tokens -> {tokenizer.decode(new_ids)!r}")
     return records
 

@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def fixture_path(name):
     path = FIXTURES / name
     if not path.is_dir():
-        raise FileNotFoundError(f"fixture {name} missing: run scripts/make_fixtures.py")
+        raise FileNotFoundError(f"fixture {name} missing: run python -m scripts.fixtures")
     return path
 
 
