@@ -186,6 +186,17 @@ def test_tiny_gguf_tokenizer_and_its_cache(tmp_path, monkeypatch):
     assert tokenizer_cache_path(path) != cache
 
 
+def test_cache_key_covers_the_code_that_builds(tmp_path, monkeypatch):
+    """A tokenizer built by older code (a bug since fixed) is never read back."""
+    from minilm.io import tokenizer as tokenizer_module
+
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(b"GGUF")
+    before = tokenizer_cache_path(path)
+    monkeypatch.setattr(tokenizer_module, "_BUILDER_DIGEST", "the recipe changed")
+    assert tokenizer_cache_path(path) != before
+
+
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_from_file_reads_hf_folder(tokenizer, tmp_path):
     tokenizer.backend.save(str(tmp_path / "tokenizer.json"))

@@ -47,8 +47,10 @@ from .default_model import minilm_cache_dir, sweep_stale_temp_files
 from .gguf import GGUFFile, read_gguf
 from .registry import GEMMA_TOKENIZER_ARCHITECTURES
 
-# Bump when the build recipe changes, so that stale cached tokenizers are not reused.
+# The layout of a cache file; the recipe itself is covered by _BUILDER_DIGEST.
 CACHE_FORMAT_VERSION = 1
+# The code that builds a tokenizer: this file and the tokenizers library it drives.
+_BUILDER_DIGEST = hashlib.sha256(pathlib.Path(__file__).read_bytes() + tokenizers.__version__.encode()).hexdigest()
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -163,10 +165,12 @@ def gemma_backend_from_gguf_metadata(meta: dict) -> tokenizers.Tokenizer:
 
 
 def tokenizer_cache_path(gguf_path: pathlib.Path) -> pathlib.Path:
-    """Where the tokenizer built from this GGUF file is cached, keyed by the file's identity."""
+    """Where the tokenizer built from this GGUF file is cached, keyed by the file's identity and by
+    the code that builds it (this module's source and the tokenizers version): a change to the
+    recipe, or a bug fixed in it, never reads a tokenizer the old code built."""
     resolved = pathlib.Path(gguf_path).resolve()
     stat = resolved.stat()
-    identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0format {CACHE_FORMAT_VERSION}"
+    identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0format {CACHE_FORMAT_VERSION}\0{_BUILDER_DIGEST}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:32]
     return minilm_cache_dir() / "tokenizers" / f"{key}.json"
 
