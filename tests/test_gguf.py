@@ -352,3 +352,92 @@ def test_real_state_dict_equals_transformers(gguf_file, reference):
         assert value.astype(np.float64).sum() == pytest.approx(expected["sum"], rel=1e-9, abs=1e-9), name
     raw_norm = gguf_file.dequantize("blk.0.attn_norm.weight")
     np.testing.assert_array_equal(state["model.layers.0.input_layernorm.weight"], raw_norm - np.float32(1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# hostile files: whatever the bytes, a CheckpointError naming the file, never a crash or a hang
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def valid_gguf_bytes(tmp_path_factory):
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    path = write_gguf(
+        tmp_path_factory.mktemp("fuzz") / "small.gguf",
+        tensors=[("a.weight", x), ("b.weight", (gguf_py_quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0))],
+        metadata=[("gemma3.block_count", 1), ("general.name", "tiny")],
+    )
+    writer = gguf_py.GGUFWriter(str(path.with_name("vocab.gguf")), "gemma3")
+    writer.add_token_list(["<pad>", "<eos>", "<bos>", "héllo", "▁wörld"])
+    writer.add_token_scores([0.0, -1.0, -2.0, -3.0, -4.0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes(), path.with_name("vocab.gguf").read_bytes()
+
+
+def read_everything(path):
+    """Open, then touch every tensor and metadata value, as loading a model does."""
+    f = mg.read_gguf(path)
+    for name in f.tensor_names:
+        try:
+            f.dequantize(name)
+        except CheckpointError:
+            pass
+    return f
+
+
+FUZZ_STATS = {"tried": 0, "read": 0, "refused": 0}
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_headers_give_checkpoint_errors(valid_gguf_bytes, tmp_path, data):
+    """Truncations, bit flips and huge values written over counts, lengths, dims and offsets."""
+    original = bytearray(data.draw(st.sampled_from(valid_gguf_bytes)))
+    header_end = min(len(original), 600)  # where the counts, lengths and tensor table live
+    mutation = data.draw(st.sampled_from(["truncate", "flip", "huge", "zero"]))
+    if mutation == "truncate":
+        original = original[: data.draw(st.integers(0, len(original) - 1))]
+    else:
+        at = data.draw(st.integers(4, header_end - 8))
+        if mutation == "flip":
+            original[at] ^= 1 << data.draw(st.integers(0, 7))
+        else:
+            original[at : at + 8] = (b"\xff" * 8) if mutation == "huge" else bytes(8)
+    path = tmp_path / "fuzzed.gguf"
+    path.write_bytes(bytes(original))
+    FUZZ_STATS["tried"] += 1
+    try:
+        read_everything(path)
+        FUZZ_STATS["read"] += 1
+    except CheckpointError as error:
+        assert "fuzzed.gguf" in str(error)
+        FUZZ_STATS["refused"] += 1
+
+
+@pytest.mark.parametrize("what, edit, match", [
+    ("kv count", lambda b: b[:16] + (10**15).to_bytes(8, "little") + b[24:], "declares"),
+    ("tensor count", lambda b: b[:8] + (10**15).to_bytes(8, "little") + b[16:], "declares"),
+    ("version", lambda b: b[:4] + (7).to_bytes(4, "little") + b[8:], "version 7"),
+    ("big endian", lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "big-endian"),
+])
+def test_declared_sizes_are_checked_before_use(valid_gguf_bytes, tmp_path, what, edit, match):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(edit(valid_gguf_bytes[0]))
+    with pytest.raises(CheckpointError, match=match):
+        mg.read_gguf(path)
+
+
+def test_a_vocabulary_with_bytes_that_are_not_utf8(valid_gguf_bytes, tmp_path):
+    raw = bytearray(valid_gguf_bytes[1])
+    at = raw.index("héllo".encode())
+    raw[at + 1] = 0xFF  # inside "é"
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        mg.read_gguf(path)

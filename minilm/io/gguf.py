@@ -26,18 +26,100 @@ Gemma 3 specifics (checked against transformers' GGUF loader, `scripts/make_real
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
+import struct
 
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError
-from .quants import DEQUANTIZE, dequantize_bytes
+from .quants import BLOCK_LAYOUT, DEQUANTIZE, dequantize_bytes
 
 # --------------------------------------------------------------------------------------------
 # The file
 # --------------------------------------------------------------------------------------------
+#
+#   "GGUF"  version u32  tensor_count u64  kv_count u64
+#   kv_count x    key: string  value_type u32  value
+#   tensor_count x  name: string  n_dims u32  ne: u64 x n_dims  ggml_type u32  offset u64
+#   padding to `general.alignment` (32), then the tensors' bytes, each at data_start + offset
+#
+# string = length u64 + UTF-8 bytes; array = item_type u32 + count u64 + items. All little-endian.
+
+# GGUF value type -> (struct format, size) for the fixed-size scalars
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+STRING, ARRAY = 8, 9
+# ggml type id -> name, in ggml.h's numbering (block sizes: `quants.BLOCK_LAYOUT` / `GGML_BLOCKS`)
+GGML_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    30: "BF16",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    39: "MXFP4",
+}
+# (values_per_block, bytes_per_block) of the types minilm cannot dequantize but can still lay out
+GGML_BLOCKS = {
+    **BLOCK_LAYOUT,
+    "Q8_1": (32, 40),
+    "Q8_K": (256, 292),
+    "IQ2_XXS": (256, 66),
+    "IQ2_XS": (256, 74),
+    "IQ3_XXS": (256, 98),
+    "IQ1_S": (256, 50),
+    "IQ3_S": (256, 110),
+    "IQ2_S": (256, 82),
+    "I8": (1, 1),
+    "I16": (1, 2),
+    "I32": (1, 4),
+    "I64": (1, 8),
+    "IQ1_M": (256, 56),
+    "TQ1_0": (256, 54),
+    "TQ2_0": (256, 66),
+    "MXFP4": (32, 17),
+}
+MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,40 +130,40 @@ class TensorInfo:
     shape: tuple[int, ...]
     type_name: str  # ggml type, e.g. "Q4_K"
     n_bytes: int
+    offset: int = 0  # where its bytes start in the file
 
 
 class GGUFFile:
     """An opened GGUF file: metadata as plain Python values, tensors dequantized on demand.
 
-    The tensor bytes stay memory-mapped (by `gguf.GGUFReader`); `dequantize` returns a new
-    float32 array each call.
+    The tensor bytes stay memory-mapped (read-only); `dequantize` returns a new float32 array
+    each call.
     """
 
-    def __init__(self, path: pathlib.Path, reader):
+    def __init__(self, path: pathlib.Path, version: int, metadata: dict, tensors: dict[str, TensorInfo]):
         self.path = path
-        self._reader = reader
-        self.version = int(reader.fields["GGUF.version"].parts[-1][0])
-        self.metadata = _read_metadata(reader, path)
-        self._tensors = {tensor.name: tensor for tensor in reader.tensors}
-        self.tensor_names = list(self._tensors)
+        self.version = version
+        self.metadata = metadata
+        self._tensors = tensors
+        self.tensor_names = list(tensors)
+        self._data = np.memmap(path, dtype=np.uint8, mode="r") if tensors else np.zeros(0, np.uint8)
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensor_names)} tensors, {len(self.metadata)} keys)"
 
-    def _tensor(self, name: str):
+    def tensor_info(self, name: str) -> TensorInfo:
+        """Shape (HF order) and ggml type of tensor `name`."""
         if name not in self._tensors:
             raise CheckpointError(f"{self.path}: no tensor named {name!r} (the file has {len(self._tensors)} tensors)")
         return self._tensors[name]
 
-    def tensor_info(self, name: str) -> TensorInfo:
-        """Shape (HF order) and ggml type of tensor `name`."""
-        tensor = self._tensor(name)
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF ne is (cols, rows, ...)
-        return TensorInfo(name=name, shape=shape, type_name=tensor.tensor_type.name, n_bytes=int(tensor.n_bytes))
-
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of tensor `name` (memory-mapped, read-only), as gguf-py lays them out."""
-        return self._tensor(name).data
+        """The stored bytes of tensor `name` (memory-mapped, read-only), one row of blocks per row:
+        uint8 of shape (*shape[:-1], bytes per row)."""
+        info = self.tensor_info(name)
+        data = self._data[info.offset : info.offset + info.n_bytes]
+        rows = math.prod(info.shape[:-1])
+        return data.reshape(*info.shape[:-1], info.n_bytes // max(rows, 1))
 
     def dequantize(self, name: str) -> np.ndarray:
         """Tensor `name` as a float32 array in HF order, e.g. `(out_features, in_features)`."""
@@ -98,55 +180,152 @@ class GGUFFile:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Open a GGUF file (memory-mapped; only the header is parsed now).
+    """Open a GGUF file: parse its header (metadata and tensor table) and memory-map the rest.
 
-    Raises CheckpointNotFoundError if there is no such file, CheckpointError (naming the file) if
-    it is not a GGUF, is truncated or is otherwise unreadable.
+    Raises CheckpointNotFoundError if there is no such file, CheckpointError (naming the file and
+    what is wrong) if it is not a GGUF, is truncated, declares sizes its bytes cannot hold, or is
+    otherwise unreadable. Nothing is allocated from a declared count before the bytes it needs
+    are known to be in the file.
     """
-    import gguf  # gguf-py, llama.cpp's reader
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as file:
-        magic = file.read(4)
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    magic = bytes(data[:4])
     if magic != b"GGUF":
         raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as error:  # gguf-py raises ValueError/IndexError/... on malformed files
-        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {error}") from error
-    if reader.byte_order != "I":
-        raise CheckpointError(f"{path} is a big-endian GGUF file, which minilm does not read")
-    _check_tensor_data_in_file(reader, path)
-    return GGUFFile(path, reader)
-
-
-def _check_tensor_data_in_file(reader, path: pathlib.Path) -> None:
-    """A truncated file can still parse when only the last tensors lose bytes: check each one."""
-    file_size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = tensor.data_offset + tensor.n_bytes
-        if end > file_size:
+    header = _Header(data, path)
+    version = header.scalar(4)
+    if version not in (2, 3):
+        if version & 0xFFFF == 0 and version >> 24 in (2, 3):
+            raise CheckpointError(f"{path} is a big-endian GGUF file, which minilm does not read")
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (minilm reads versions 2 and 3)")
+    tensor_count, kv_count = header.scalar(10), header.scalar(10)
+    header.check_count(kv_count, 13, "metadata keys")  # a key is at least 13 bytes
+    header.check_count(tensor_count, 29, "tensors")  # a tensor entry is at least 29 bytes
+    metadata = {}
+    for _ in range(kv_count):
+        key = header.string()
+        metadata[key] = header.value(header.scalar(4), key)
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
+        raise CheckpointError(f"{path}: general.alignment={alignment!r} must be a positive multiple of 8")
+    entries = [header.tensor_entry() for _ in range(tensor_count)]
+    data_start = -(-header.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, type_name, offset in entries:
+        if name in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} is listed twice")
+        values_per_block, bytes_per_block = GGML_BLOCKS[type_name]
+        if shape[-1] % values_per_block:
             raise CheckpointError(
-                f"{path} is truncated: tensor {tensor.name!r} ends at byte {end} but the file has {file_size} bytes"
+                f"{path}: tensor {name!r} of type {type_name} has rows of {shape[-1]} values, "
+                f"not a multiple of its block of {values_per_block}"
+            )
+        n_bytes = math.prod(shape) // values_per_block * bytes_per_block
+        start = data_start + offset
+        if offset % alignment or start + n_bytes > len(data):
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: tensor {name!r} ends at byte {start + n_bytes} "
+                f"(offset {offset}) but the file has {len(data)} bytes"
+            )
+        tensors[name] = TensorInfo(name=name, shape=shape, type_name=type_name, n_bytes=n_bytes, offset=start)
+    return GGUFFile(path, version, metadata, tensors)
+
+
+class _Header:
+    """A cursor over the header bytes; every read checks that the bytes are there."""
+
+    def __init__(self, data: np.ndarray, path: pathlib.Path):
+        self.data, self.path, self.pos = data, path, 4
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CheckpointError(
+                f"{self.path} is truncated or corrupt: its header needs {n} bytes at byte "
+                f"{self.pos}, but the file has {len(self.data)} bytes"
+            )
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def check_count(self, count: int, min_bytes_each: int, what: str) -> None:
+        if count * min_bytes_each > len(self.data) - self.pos:
+            raise CheckpointError(
+                f"{self.path} is corrupt: it declares {count} {what}, more than its {len(self.data)} bytes can hold"
             )
 
+    def scalar(self, value_type: int):
+        fmt, size = _SCALARS[value_type]
+        return struct.unpack(fmt, self.take(size).tobytes())[0]
 
-def _read_metadata(reader, path: pathlib.Path) -> dict:
-    """The key/value header as plain Python values (str, int, float, bool, lists of those).
-
-    gguf-py's own bookkeeping keys (`GGUF.version`, `GGUF.tensor_count`, `GGUF.kv_count`) are left out.
-    """
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
+    def string(self) -> str:
+        raw = self.take(self.scalar(10)).tobytes()
         try:
-            metadata[key] = field.contents()  # strings are decoded as UTF-8, arrays become lists
+            return raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise CheckpointError(f"{path}: metadata {key!r} holds a string that is not UTF-8: {error}") from None
-    return metadata
+            raise CheckpointError(
+                f"{self.path}: a string at byte {self.pos - len(raw)} is not UTF-8: {error}"
+            ) from None
+
+    def value(self, value_type: int, key: str):
+        if value_type in _SCALARS:
+            return self.scalar(value_type)
+        if value_type == STRING:
+            return self.string()
+        if value_type != ARRAY:
+            raise CheckpointError(f"{self.path}: metadata {key!r} has unknown value type {value_type}")
+        item_type, count = self.scalar(4), self.scalar(10)
+        if item_type in _NUMPY:  # numbers: one read, one conversion
+            dtype = np.dtype(_NUMPY[item_type])
+            self.check_count(count, dtype.itemsize, f"values in {key!r}")
+            return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+        if item_type == STRING:  # e.g. 262 144 vocabulary entries: a tight loop, no per-item arrays
+            self.check_count(count, 8, f"strings in {key!r}")
+            return self.strings(count, key)
+        if item_type == ARRAY:
+            self.check_count(count, 12, f"arrays in {key!r}")
+            return [self.value(ARRAY, key) for _ in range(count)]
+        raise CheckpointError(f"{self.path}: metadata {key!r} is an array of unknown type {item_type}")
+
+    def strings(self, count: int, key: str) -> list[str]:
+        buffer, pos, end, out = self.data, self.pos, len(self.data), []
+        view = memoryview(buffer)
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            (length,) = struct.unpack_from("<Q", view, pos)
+            if pos + 8 + length > end:
+                break
+            try:
+                out.append(bytes(view[pos + 8 : pos + 8 + length]).decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise CheckpointError(
+                    f"{self.path}: string {len(out)} of metadata {key!r} is not UTF-8: {error}"
+                ) from None
+            pos += 8 + length
+        else:
+            self.pos = pos
+            return out
+        raise CheckpointError(
+            f"{self.path} is truncated or corrupt: metadata {key!r} declares {count} strings "
+            f"but the file ends after {len(out)}"
+        )
+
+    def tensor_entry(self) -> tuple[str, tuple[int, ...], str, int]:
+        name = self.string()
+        n_dims = self.scalar(4)
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+        ne = [self.scalar(10) for _ in range(n_dims)]
+        type_id, offset = self.scalar(4), self.scalar(10)
+        if type_id not in GGML_TYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has ggml type id {type_id}, which minilm does not know"
+            )
+        if min(ne) < 1 or math.prod(ne) > len(self.data) * 8:  # no ggml type packs 8 values in a byte
+            raise CheckpointError(f"{self.path}: tensor {name!r} has impossible dimensions {ne}")
+        return name, tuple(int(n) for n in reversed(ne)), GGML_TYPES[type_id], offset
 
 
 # --------------------------------------------------------------------------------------------
