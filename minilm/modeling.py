@@ -217,17 +217,17 @@ class PreTrainedModel:
         for name, shape in expected.items():
             if name in tied:
                 continue
-            array = tensors[name]
-            if tuple(array.shape) != tuple(shape):
+            if tuple(tensors[name].shape) != tuple(shape):
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {tuple(array.shape)} but the config gives {tuple(shape)}{hint}"
+                    f"tensor {name!r} has shape {tuple(tensors[name].shape)} but the config gives {tuple(shape)}{hint}"
                 )
-            kind = np.asarray(array).dtype.kind
-            if kind not in "fV":  # V: bfloat16 from ml_dtypes
+            array = np.asarray(tensors[name])  # read now (a GGUF tensor is dequantized here, one at a time)
+            if array.dtype.kind not in "fV":  # V: bfloat16 from ml_dtypes
                 raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, expected a floating-point type")
             weight = storage[offset : offset + math.prod(shape)].reshape(shape)  # (shape) view, C order
             offset += padded[name]
-            np.copyto(weight, np.asarray(array), casting="unsafe")  # the copy and the dtype conversion
+            np.copyto(weight, array, casting="unsafe")  # the copy and the dtype conversion
+            del array
             if not np.isfinite(weight.astype(np.float32, copy=False)).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values (corrupt checkpoint?)")
             converted[name] = ops.prepare_weight(weight)  # once, at load: the form the backend reads

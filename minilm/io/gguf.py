@@ -453,8 +453,33 @@ def is_gemma_norm(gguf_name: str) -> bool:
     return gguf_name.endswith("norm.weight")
 
 
-def gemma3_state_dict_from_gguf(gguf_file: GGUFFile, progress: bool = True) -> dict[str, np.ndarray]:
-    """All tensors of a Gemma 3 GGUF as float32 arrays under Hugging Face names.
+class GGUFTensor:
+    """One tensor of a GGUF file, under its Hugging Face name, dequantized when it is read
+    (`np.asarray(tensor)`), minus `offset` (Gemma's norms). A loader that copies the tensors into
+    the model one by one so holds one float32 tensor at a time, never the whole model twice."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, gguf_file: GGUFFile, name: str, offset: float = 0.0):
+        self.gguf_file, self.name, self.offset = gguf_file, name, offset
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.gguf_file.tensor_info(self.name).shape
+
+    def __array__(self, dtype=None, copy=None):
+        weight = self.gguf_file.dequantize(self.name)  # float32, a new array
+        if self.offset:
+            weight -= np.float32(self.offset)
+        return weight if dtype is None else weight.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        info = self.gguf_file.tensor_info(self.name)
+        return f"GGUFTensor({self.name!r}, shape={info.shape}, {info.type_name})"
+
+
+def gemma3_tensors_from_gguf(gguf_file: GGUFFile) -> dict[str, GGUFTensor]:
+    """Every tensor of a Gemma 3 GGUF under its Hugging Face name, dequantized when read.
 
     Norm weights get 1 subtracted (llama.cpp stored `1 + w`; Gemma's RMSNorm multiplies by
     `1 + w` itself), exactly as transformers' GGUF loader does. Raises CheckpointError naming
@@ -470,14 +495,19 @@ def gemma3_state_dict_from_gguf(gguf_file: GGUFFile, progress: bool = True) -> d
     missing = [name for name in name_map if name not in optional and name not in gguf_file.tensor_names]
     if missing:
         raise CheckpointError(f"{gguf_file.path}: missing Gemma 3 tensors: {missing[:10]}")
+    return {
+        name_map[name]: GGUFTensor(gguf_file, name, offset=1.0 if is_gemma_norm(name) else 0.0)  # undo `w + 1`
+        for name in gguf_file.tensor_names
+    }
 
-    state_dict = {}
-    for gguf_name in tqdm(gguf_file.tensor_names, desc="Dequantizing GGUF", unit="tensor", disable=not progress):
-        weight = gguf_file.dequantize(gguf_name)
-        if is_gemma_norm(gguf_name):
-            weight = weight - np.float32(1.0)  # undo llama.cpp's `w + 1`
-        state_dict[name_map[gguf_name]] = weight
-    return state_dict
+
+def gemma3_state_dict_from_gguf(gguf_file: GGUFFile, progress: bool = True) -> dict[str, np.ndarray]:
+    """All tensors of a Gemma 3 GGUF as float32 arrays under Hugging Face names (all in memory)."""
+    tensors = gemma3_tensors_from_gguf(gguf_file)
+    return {
+        name: np.asarray(tensor)
+        for name, tensor in tqdm(tensors.items(), desc="Dequantizing GGUF", unit="tensor", disable=not progress)
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,9 +523,10 @@ def config_from_gguf(gguf_file: GGUFFile) -> dict:
     return gemma3_config_from_gguf(gguf_file.metadata, gguf_file.tensor_names)
 
 
-def tensors_from_gguf(gguf_file: GGUFFile, progress: bool = False) -> dict[str, np.ndarray]:
-    """Every tensor of `gguf_file`, float32, under Hugging Face names in Hugging Face layout."""
+def tensors_from_gguf(gguf_file: GGUFFile) -> dict[str, GGUFTensor]:
+    """Every tensor of `gguf_file` under its Hugging Face name in Hugging Face layout, dequantized
+    to float32 when read."""
     arch = gguf_architecture(gguf_file.metadata)
     if arch != "gemma3":
         raise UnknownArchitectureError(f"{gguf_file.path}: minilm reads GGUF weights of gemma3 only, not {arch!r}")
-    return gemma3_state_dict_from_gguf(gguf_file, progress=progress)
+    return gemma3_tensors_from_gguf(gguf_file)

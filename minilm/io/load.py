@@ -61,7 +61,7 @@ def from_pretrained(path, *, dtype="float32"):
     return cls.from_pretrained(path, dtype=dtype)
 
 
-def model_from_gguf(path, dtype="float32", *, progress=False, tokenizer=True):
+def model_from_gguf(path, dtype="float32", *, tokenizer=True):
     """Load a GGUF checkpoint as a minilm model, with its tokenizer as `model.tokenizer`.
 
         model = model_from_gguf("gemma-3-270m-q4_k_m.gguf")       # a Gemma3ForCausalLM
@@ -81,7 +81,7 @@ def model_from_gguf(path, dtype="float32", *, progress=False, tokenizer=True):
         )
     config = {**config_from_gguf(gguf_file), "architectures": [family.default_architecture]}
     cls = class_for_config(config)
-    model = cls(cls.config_class.from_dict(config), params=tensors_from_gguf(gguf_file, progress), dtype=dtype)
+    model = cls(cls.config_class.from_dict(config), params=tensors_from_gguf(gguf_file), dtype=dtype)
     model.tokenizer = Tokenizer.from_gguf(gguf_file) if tokenizer else None
     return model
 
