@@ -18,13 +18,13 @@ matter, with seeded random weights moved away from their init, run on a small pa
 
 Run it in the oracle's own virtual environment (never minilm's), from the repository root:
 
-    python3 -m venv /work/kvenv
-    /work/kvenv/bin/pip install torch==2.13.0        # the CPU wheel
-    /work/kvenv/bin/pip install keras numpy safetensors
-    /work/kvenv/bin/pip install --no-deps keras-hub  # its metadata pulls TensorFlow, not needed here
-    /work/kvenv/bin/pip install regex tokenizers     # what keras-hub imports at runtime
-    /work/kvenv/bin/python scripts/make_keras_fixtures.py            # every fixture, a few seconds
-    /work/kvenv/bin/python scripts/make_keras_fixtures.py --only bloom,phi3_su
+    python3 -m venv kvenv
+    kvenv/bin/pip install torch==2.13.0        # the CPU wheel
+    kvenv/bin/pip install keras numpy safetensors
+    kvenv/bin/pip install --no-deps keras-hub  # its metadata pulls TensorFlow, not needed here
+    kvenv/bin/pip install regex tokenizers     # what keras-hub imports at runtime
+    kvenv/bin/python scripts/make_keras_fixtures.py            # every fixture, a few seconds
+    kvenv/bin/python scripts/make_keras_fixtures.py --only bloom,phi3_su
 
 The backend is torch on the CPU (set here, before keras is imported), one thread, fixed seeds: a
 re-run gives byte-identical files (checked with `cmp` against a copy of the previous run).

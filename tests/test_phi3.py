@@ -259,7 +259,7 @@ def test_backbone_and_hf_model_agree_exactly():
     config = backbone.get_config()
     assert config["rope_scaling_type"] == "su" and config["pretraining_sequence_length"] == 16
     assert config["max_sequence_length"] == 64 and len(config["rope_scaling_long_factor"]) == 8
-    rebuilt = Phi3Backbone(**config, params=hf.state_dict())  # the causal LM's weights; lm_head is ignored
+    rebuilt = Phi3Backbone(**config, params=hf.state_dict())  # the causal LM's weights; lm_head is the reverse embedding
     np.testing.assert_array_equal(rebuilt(inputs), expected)
     assert Phi3Backbone.from_config(config).get_config() == config
 
