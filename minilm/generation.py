@@ -39,16 +39,35 @@ def apply_top_k(logits, k):
     return np.where(logits < kth, -np.inf, logits)
 
 
+# How many of the most probable tokens top-p sorts first (more when their mass falls short of p).
+NUCLEUS_CANDIDATES = 256
+
+
 def apply_top_p(logits, p):
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p."""
+    """Nucleus sampling: keep the smallest set of most probable tokens whose probability reaches p
+    (the most probable is always kept); the rest become -inf.
+
+    Only the head of the distribution is sorted: the tokens at least as probable as the k-th most
+    probable one (a partition, not a sort of the whole vocabulary), with k growing until the
+    nucleus ends among them. Ties are ordered by token id, as a full stable sort orders them, so
+    the kept set is exactly the one a sort of all vocab_size tokens gives."""
     if p >= 1.0:
         return logits
-    order = np.argsort(-logits, axis=-1, kind="stable")  # (batch, vocab_size), most likely first
-    sorted_probs = np.take_along_axis(nn.softmax(logits, axis=-1), order, axis=-1)
-    cumulative = np.cumsum(sorted_probs, axis=-1)
-    drop_sorted = cumulative - sorted_probs >= p  # tokens past the nucleus (the first is always kept)
-    drop = np.zeros_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    probs = nn.softmax(logits, axis=-1)  # (batch, vocab_size)
+    vocab = probs.shape[-1]
+    drop = np.ones(probs.shape, dtype=bool)
+    for row, row_probs in enumerate(probs):
+        k = min(NUCLEUS_CANDIDATES, vocab)
+        while True:
+            kth = np.partition(row_probs, vocab - k)[vocab - k]  # the k-th largest probability
+            candidates = np.flatnonzero(row_probs >= kth)  # ties at the edge included: a prefix of the full order
+            order = candidates[np.argsort(-row_probs[candidates], kind="stable")]  # most probable first
+            sorted_probs = row_probs[order]
+            beyond = np.cumsum(sorted_probs) - sorted_probs >= p  # tokens past the nucleus
+            if beyond.any() or k == vocab:
+                break
+            k = min(4 * k, vocab)
+        drop[row, order[~beyond]] = False
     return np.where(drop, -np.inf, logits)
 
 

@@ -3,6 +3,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minilm import generation
 from minilm.generation import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p
@@ -78,3 +80,29 @@ def test_greedy_applies_the_repetition_penalty_only():
         rng=None,
     )
     np.testing.assert_array_equal(tokens, np.argmax(FIXTURE["repetition_penalty_1.3"], axis=-1))
+
+
+def top_p_by_full_sort(logits, p):
+    """The textbook nucleus: sort the whole vocabulary (stable), keep until the mass reaches p."""
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    sorted_probs = np.take_along_axis(generation.nn.softmax(logits, axis=-1), order, axis=-1)
+    drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= p
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), vocab=st.integers(1, 600), p=st.floats(0.01, 0.999),
+       ties=st.booleans(), candidates=st.sampled_from([1, 4, 256]))
+def test_top_p_sorts_only_the_head_and_keeps_what_a_full_sort_keeps(seed, vocab, p, ties, candidates):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, size=(2, vocab)).astype(np.float32)
+    if ties:  # many equal logits, some right at the nucleus edge
+        logits = np.round(logits).astype(np.float32)
+    before = generation.NUCLEUS_CANDIDATES
+    generation.NUCLEUS_CANDIDATES = candidates
+    try:
+        np.testing.assert_array_equal(apply_top_p(logits, p), top_p_by_full_sort(logits, p))
+    finally:
+        generation.NUCLEUS_CANDIDATES = before
