@@ -29,8 +29,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-          "combined movable metal type, oil-based ink and a wooden press adapted from wine making. ")
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
+)
 
 
 def peak_rss_mb():
@@ -46,7 +48,7 @@ def timed_decode(steps, new_tokens):
     """Seconds for `new_tokens` items of the iterator `steps` after its first one (the prompt step)."""
     next(steps)  # the prompt step
     t0 = time.perf_counter()
-    n = sum(1 for _ in zip(range(new_tokens), steps))
+    n = sum(1 for _ in zip(range(new_tokens), steps, strict=False))  # stops after new_tokens
     assert n == new_tokens, f"the engine stopped after {n} of {new_tokens} tokens"
     return time.perf_counter() - t0
 
@@ -77,8 +79,12 @@ def worker_minilm(path, backend, prefill, new_tokens, repeats):
         prefill_s.append(time.perf_counter() - t0)
         steps = generate_tokens(model, short, max_new_tokens=new_tokens + 1, eos_token_id=[])
         decode_s.append(timed_decode(steps, new_tokens))
-    return dict(load_s=load_s, prefill_tps=prefill / median(prefill_s), decode_tps=new_tokens / median(decode_s),
-                peak_mb=peak_rss_mb())
+    return dict(
+        load_s=load_s,
+        prefill_tps=prefill / median(prefill_s),
+        decode_tps=new_tokens / median(decode_s),
+        peak_mb=peak_rss_mb(),
+    )
 
 
 def worker_transformers(path, dtype, prefill, new_tokens, repeats):
@@ -110,8 +116,12 @@ def worker_transformers(path, dtype, prefill, new_tokens, repeats):
             model(ids, logits_to_keep=1)
             prefill_s.append(time.perf_counter() - t0)
             decode_s.append(timed_decode(steps(), new_tokens))
-    return dict(load_s=load_s, prefill_tps=prefill / median(prefill_s), decode_tps=new_tokens / median(decode_s),
-                peak_mb=peak_rss_mb())
+    return dict(
+        load_s=load_s,
+        prefill_tps=prefill / median(prefill_s),
+        decode_tps=new_tokens / median(decode_s),
+        peak_mb=peak_rss_mb(),
+    )
 
 
 def cpu_has_amx():
@@ -155,8 +165,13 @@ def worker_llama_cpp(path, prefill, new_tokens, repeats):
         llm.reset()  # so generate() re-evaluates the prompt rather than reusing a cached prefix
         steps = llm.generate(short, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)  # greedy
         decode_s.append(timed_decode(steps, new_tokens))
-    return dict(load_s=load_s, prefill_tps=prefill / median(prefill_s), decode_tps=new_tokens / median(decode_s),
-                peak_mb=peak_rss_mb(), note="no AMX repack" if no_repack else "")
+    return dict(
+        load_s=load_s,
+        prefill_tps=prefill / median(prefill_s),
+        decode_tps=new_tokens / median(decode_s),
+        peak_mb=peak_rss_mb(),
+        note="no AMX repack" if no_repack else "",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,13 +198,17 @@ def main():
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="time prefill and decode this many times; report medians")
-    p.add_argument("--unset-openblas-coretype", action="store_true",
-                   help="unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE for this run (faster sgemm on new CPUs)")
+    p.add_argument(
+        "--unset-openblas-coretype",
+        action="store_true",
+        help="unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE for this run (faster sgemm on new CPUs)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         w = json.loads(a.worker)
-        fn = {"minilm": worker_minilm, "transformers": worker_transformers, "llama.cpp": worker_llama_cpp}[w.pop("engine")]
+        workers = {"minilm": worker_minilm, "transformers": worker_transformers, "llama.cpp": worker_llama_cpp}
+        fn = workers[w.pop("engine")]
         print(json.dumps(fn(**w)))
         return
     from minilm.default_model import default_model_path
@@ -199,20 +218,22 @@ def main():
     if a.unset_openblas_coretype:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
-    print(f"model {os.path.basename(path)}, 2 threads, prefill {a.prefill} tokens, decode {a.new_tokens} tokens, "
-          f"OPENBLAS_CORETYPE {'unset' if a.unset_openblas_coretype else os.environ.get('OPENBLAS_CORETYPE', 'not set')}, "
-          f"median of {a.repeats}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    coretype = "unset" if a.unset_openblas_coretype else os.environ.get("OPENBLAS_CORETYPE", "not set")
+    print(
+        f"model {os.path.basename(path)}, 2 threads, prefill {a.prefill} tokens, decode {a.new_tokens} tokens, "
+        f"OPENBLAS_CORETYPE {coretype}, "
+        f"median of {a.repeats}, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     common = dict(path=path, prefill=a.prefill, new_tokens=a.new_tokens, repeats=a.repeats)
     runs = []
     if a.torch_python:
         for dtype in ("float32", "bfloat16"):
-            runs.append((f"transformers {dtype}", a.torch_python,
-                         dict(engine="transformers", dtype=dtype, **common)))
+            runs.append((f"transformers {dtype}", a.torch_python, dict(engine="transformers", dtype=dtype, **common)))
     if a.llama_python:
         runs.append(("llama.cpp", a.llama_python, dict(engine="llama.cpp", **common)))
     for backend in a.backends.split(","):
-        runs.append((f"minilm {backend}", sys.executable,
-                     dict(engine="minilm", backend=backend, **common)))
+        runs.append((f"minilm {backend}", sys.executable, dict(engine="minilm", backend=backend, **common)))
     results = {}
     for name, python, args in runs:
         results[name] = run_worker(python, args, env)
@@ -227,7 +248,10 @@ def main():
             continue
         ratio = f"{r['decode_tps'] / base['decode_tps']:.2f}x" if "decode_tps" in base else "n/a"
         name = f"{name} ({r['note']})" if r.get("note") else name
-        print(f"| {name} | {r['load_s']:.2f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
+        print(
+            f"| {name} | {r['load_s']:.2f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | "
+            f"{r['peak_mb']:.0f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

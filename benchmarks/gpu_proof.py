@@ -35,17 +35,22 @@ def main():
         prompt = np.array([case["input_ids"]])
         t0 = time.perf_counter()
         ids = model.generate(prompt, max_new_tokens=case["max_new_tokens"])
-        new = ids[0, prompt.shape[1]:].tolist()
-        result["cases"][case["name"]] = {"prompt_tokens": prompt.shape[1], "equal_to_transformers": new == case["new_ids"],
-                                         "text": model.tokenizer.decode(new), "seconds": time.perf_counter() - t0}
+        new = ids[0, prompt.shape[1] :].tolist()
+        result["cases"][case["name"]] = {
+            "prompt_tokens": prompt.shape[1],
+            "equal_to_transformers": new == case["new_ids"],
+            "text": model.tokenizer.decode(new),
+            "seconds": time.perf_counter() - t0,
+        }
     # speed: prefill 512 tokens, then decode 64 tokens greedily
     long_ids = np.array([model.tokenizer.encode("The history of the printing press " * 200)[:512]])
     model(long_ids[:, :8], logits_to_keep=1)  # warm-up
     t0 = time.perf_counter()
     ops.to_host(model(long_ids, logits_to_keep=1).logits)
     result["prefill_512_tokens_per_s"] = 512 / (time.perf_counter() - t0)
-    steps = generate_tokens(model, np.array([model.tokenizer.encode("The capital of France is")]),
-                            max_new_tokens=65, eos_token_id=[])
+    steps = generate_tokens(
+        model, np.array([model.tokenizer.encode("The capital of France is")]), max_new_tokens=65, eos_token_id=[]
+    )
     next(steps)
     t0 = time.perf_counter()
     n = sum(1 for _ in steps)

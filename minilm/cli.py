@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from . import ops
+
 
 def parser():
     p = argparse.ArgumentParser(prog="minilm", description=__doc__.split("\n\n")[0],
@@ -25,15 +27,16 @@ def parser():
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--backend", default=None, choices=["numpy", "numba", "cupy"],
-                   help="kernels for matmul / attention / experts (default: $MINILM_BACKEND, else numba)")
+    p.add_argument("--backend", default=None, choices=ops.available_backends(),
+                   help="kernels for matmul / attention / experts "
+                   f"(default: $MINILM_BACKEND, else {ops.FAST_CPU_BACKEND})")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, float16 or bfloat16")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from . import api, ops
+    from . import api
     from .errors import MinilmError
 
     try:

@@ -4,7 +4,8 @@ Model files call `ops.linear`, `ops.attention` and `ops.moe_dispatch`. The plain
 below are the reference: read them to learn what each operation computes. Compiled versions
 (Numba on the CPU, CuPy on the GPU) live in `kernels/` (installed as `minilm.kernels`) and
 register themselves under a backend name; `set_backend` picks which one runs. Model code never
-changes and never knows which backend is active.
+changes and never knows which backend is active. A fourth op, `prepare_weight`, runs once per
+weight when a model loads: it puts the weight where, and in the form, the backend reads it.
 
 Shapes:
     linear:        x (..., in_features), weight (out_features, in_features) -> (..., out_features)
@@ -96,18 +97,22 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch", "to_device")
+OPS = ("linear", "attention", "moe_dispatch", "prepare_weight")
 
 _BACKENDS = {
     "numpy": {
         "linear": linear_reference,
         "attention": attention_reference,
         "moe_dispatch": moe_dispatch_reference,
-        "to_device": np.asarray,
+        "prepare_weight": np.asarray,
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
-_LAZY_BACKENDS = {"numba": "minilm.kernels.numba_backend", "cupy": "minilm.kernels.cupy_backend"}
+_LAZY_BACKENDS = {"numba": "minilm.kernels.numba", "cupy": "minilm.kernels.cupy"}
+# The backend `minilm.generate()` (and `python -m minilm`) uses when the program chose none
+# (`set_backend`, `use_backend`, $MINILM_BACKEND): the compiled CPU kernels, which decode the
+# shipped Gemma 3 270M faster than the NumPy reference (README, "Speed").
+FAST_CPU_BACKEND = "numba"
 _active = {"name": None, "chosen": False}  # chosen: set_backend / use_backend was called
 
 
@@ -182,9 +187,7 @@ def linear(x, weight, bias=None):
 
 
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
-    return _impl("attention")(
-        q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, return_weights=return_weights
-    )
+    return _impl("attention")(q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, return_weights=return_weights)
 
 
 def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
@@ -192,14 +195,20 @@ def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, a
 
 
 # ---------------------------------------------------------------------------------------------
-# Where arrays live: weights on the backend's device, small per-call arrays next to them
+# Where arrays live: weights prepared once for the backend, small per-call arrays next to them
 # ---------------------------------------------------------------------------------------------
 
 
-def to_device(x):
-    """An array on the active backend's device: the weights at load time (CuPy: GPU memory).
-    NumPy and Numba keep host arrays as they are."""
-    return _impl("to_device")(x)
+def prepare_weight(array):
+    """Called once per weight when a model loads its weights (and by `model.to_device()`), never
+    per call: where the weight lives and in what form the active backend reads it.
+
+    numpy: the array as it is (`np.asarray`). cupy: a copy in GPU memory. numba: for a float32
+    matrix whose every block of columns is exactly a scale times int8 codes (a dequantized Q8_0 /
+    Q5_0 / Q6_K tensor), a read-only view that also holds those codes, which decode reads instead
+    of the float32 values; any other weight as it is. The result may share memory with `array`, so
+    pass an array the model owns (`load_state_dict` prepares its own copy of the checkpoint)."""
+    return _impl("prepare_weight")(array)
 
 
 def like(x, reference):

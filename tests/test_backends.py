@@ -6,19 +6,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, load_reference
+from parity import check_generation, compare_outputs, forward_kwargs
 
 import minilm
-from conftest import FIXTURES, load_reference
 from minilm import ops
-from parity import check_generation, compare_outputs, forward_kwargs
 
 
 def fixtures():
-    entries = []
-    for manifest in ("MANIFEST.json", "MANIFEST_extra.json"):
-        path = FIXTURES / manifest
-        if path.is_file():
-            entries += json.loads(path.read_text())["fixtures"]
+    entries = json.loads((FIXTURES / "MANIFEST.json").read_text())["fixtures"]
     # the router-ties fixture is checked by its own rule in test_qwen3_moe.py
     return [(e["name"], e["head"], e["family"]) for e in entries if e["name"] != "qwen3_moe_router_ties"]
 
@@ -31,8 +27,18 @@ def cupy_ready():
         return False
 
 
-BACKENDS = ["numba", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not cupy_ready(), reason="CuPy is not installed or no CUDA device is visible (pip install minilm[gpu])")])]
+BACKENDS = [
+    "numba",
+    pytest.param(
+        "cupy",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not cupy_ready(), reason="CuPy is not installed or no CUDA device is visible (pip install minilm[gpu])"
+            ),
+        ],
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -37,7 +37,7 @@ EXAMPLES = 40  # per property and backend; keeps the whole file well under a min
 
 def _gpu_skip_reason():
     try:
-        importlib.import_module("minilm.kernels.cupy_backend")
+        importlib.import_module("minilm.kernels.cupy")
     except ConfigError as err:
         return str(err)
     return None
@@ -99,15 +99,15 @@ def assert_close(got, ref, ref_dtype, low_precision, name):
     )
 
 
-def force_numba_path(monkeypatch, threshold_name, path):
-    """Send every case of a numba op down one path by moving its size threshold out of the way."""
+def force_numba_path(monkeypatch, op, threshold_name, path):
+    """Send every case of a numba op down one path by moving its size threshold (in the op's file,
+    `minilm.kernels.numba.<op>`) out of the way."""
     if path is None:
         return
-    from minilm.kernels import numba_backend  # noqa: PLC0415
-
-    monkeypatch.setattr(numba_backend, threshold_name, 0 if path == "blas" else 10**9)
+    module = importlib.import_module(f"minilm.kernels.numba.{op}")
+    monkeypatch.setattr(module, threshold_name, 0 if path == "blas" else 10**9)
     if path == "kernel-blocks":
-        monkeypatch.setattr(numba_backend, "ATTENTION_KEY_BLOCK", 5)
+        monkeypatch.setattr(module, "ATTENTION_KEY_BLOCK", 5)
 
 
 def random_array(rng, shape, dtype, scale=1.0):
@@ -154,7 +154,7 @@ def linear_property(backend):
 
 @pytest.mark.parametrize("backend, path", PATHS["linear"])
 def test_linear_matches_reference(backend, path, monkeypatch):
-    force_numba_path(monkeypatch, "GEMV_MAX_ROWS", path)
+    force_numba_path(monkeypatch, "linear", "GEMV_MAX_ROWS", path)
     linear_property(backend)
 
 
@@ -214,7 +214,9 @@ def attention_cases(draw):
 
 def check_attention(backend, case):
     q, k, v, mask = case["q"], case["k"], case["v"], case["mask"]
-    options = dict(scale=case["scale"], bias=case["bias"], soft_cap=case["soft_cap"], return_weights=case["return_weights"])
+    options = dict(
+        scale=case["scale"], bias=case["bias"], soft_cap=case["soft_cap"], return_weights=case["return_weights"]
+    )
     low = q.dtype == BF16
     ref, ref_w = ops.attention_reference(as_f32(q), as_f32(k), as_f32(v), mask, **options)
     if low:  # the dtypes the reference gives on the bf16 inputs themselves
@@ -245,7 +247,7 @@ def attention_property(backend):
 
 @pytest.mark.parametrize("backend, path", PATHS["attention"])
 def test_attention_matches_reference(backend, path, monkeypatch):
-    force_numba_path(monkeypatch, "ATTENTION_BLAS_MIN_SEQ", path)
+    force_numba_path(monkeypatch, "attention", "ATTENTION_BLAS_MIN_SEQ", path)
     attention_property(backend)
 
 
@@ -315,7 +317,7 @@ def moe_property(backend):
 
 @pytest.mark.parametrize("backend, path", PATHS["moe_dispatch"])
 def test_moe_dispatch_matches_reference(backend, path, monkeypatch):
-    force_numba_path(monkeypatch, "EXPERT_KERNEL_MAX_PAIRS", path)
+    force_numba_path(monkeypatch, "moe", "EXPERT_KERNEL_MAX_PAIRS", path)
     moe_property(backend)
 
 
@@ -330,9 +332,9 @@ def _attention_window_off_by_one(q, k, v, mask=None, **options):
     if mask is not None:
         mask = np.array(np.broadcast_to(mask, (q.shape[0], 1, q.shape[2], k.shape[2])))
         mask[..., :-1] |= mask[..., 1:].copy()
-    from minilm.kernels import numba_backend  # noqa: PLC0415
+    from minilm.kernels.numba.attention import attention  # noqa: PLC0415
 
-    return numba_backend.attention(q, k, v, mask, **options)
+    return attention(q, k, v, mask, **options)
 
 
 def test_planted_off_by_one_window_is_caught():
@@ -348,4 +350,4 @@ def test_cupy_import_without_gpu_raises_config_error():
     if _GPU_SKIP is None:
         pytest.skip("a GPU is available here")
     with pytest.raises(ConfigError, match=r"pip install minilm\[gpu\]"):
-        importlib.import_module("minilm.kernels.cupy_backend")
+        importlib.import_module("minilm.kernels.cupy")

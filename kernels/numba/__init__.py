@@ -1,0 +1,24 @@
+"""Numba CPU kernels for the ops of `minilm.ops`; importing this package registers the backend.
+
+    compile.py    what every kernel shares: bf16 loads, dot products, `_launch`, precision rules
+    linear.py     linear: the decode gemv, BLAS for many rows, int8 block weights (`prepare_weight`)
+    attention.py  attention: the fused decode kernel (flash-decoding), BLAS + masked softmax
+    moe.py        moe_dispatch: counting sort by expert, per-expert kernels or BLAS, ordered sums
+
+Each op has the signature of its NumPy reference in `minilm/ops.py` and returns what the reference
+returns, to the tolerances stated in `tests/test_kernels.py`.
+"""
+
+from minilm import ops
+
+from . import attention, linear, moe  # the modules stay attributes of the package (not shadowed by their ops)
+
+ops.register_backend(
+    "numba",
+    {
+        "linear": linear.linear,
+        "attention": attention.attention,
+        "moe_dispatch": moe.moe_dispatch,
+        "prepare_weight": linear.prepare_weight,
+    },
+)
