@@ -108,7 +108,9 @@ class SlidingWindowCache:
         n = len(self.layer_windows)
         for layer_idx, window in enumerate(self.layer_windows):
             if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
-                raise ConfigError(f"layer {layer_idx}: sliding window must be a positive integer or None, got {window!r}")
+                raise ConfigError(
+                    f"layer {layer_idx}: sliding window must be a positive integer or None, got {window!r}"
+                )
         self._full = KVCache(n)  # the global layers' storage (sliding layers' entries stay empty)
         self._ring_keys = [None] * n  # sliding layers: (batch, num_kv_heads, capacity, head_dim)
         self._ring_values = [None] * n
@@ -146,8 +148,9 @@ class SlidingWindowCache:
         b, h, _, d = keys.shape
         capacity = self.capacity(layer_idx)
         self._ring_keys[layer_idx] = np.zeros((b, h, capacity, d), dtype=keys.dtype, like=keys)
-        self._ring_values[layer_idx] = np.zeros((b, values.shape[1], capacity, values.shape[3]), dtype=values.dtype,
-                                                like=values)
+        self._ring_values[layer_idx] = np.zeros(
+            (b, values.shape[1], capacity, values.shape[3]), dtype=values.dtype, like=values
+        )
 
     def _oldest_first(self, ring, layer_idx):
         """The filled part of a ring as views, oldest position first: [ring[oldest:], ring[:oldest]]."""
@@ -162,16 +165,18 @@ class SlidingWindowCache:
         capacity, seen, new = self.capacity(layer_idx), self._seen[layer_idx], keys.shape[2]
         kept = min(new, capacity)
         slots = np.arange(seen + new - kept, seen + new, like=keys) % capacity  # (kept,)
-        self._ring_keys[layer_idx][:, :, slots] = keys[:, :, new - kept:]
-        self._ring_values[layer_idx][:, :, slots] = values[:, :, new - kept:]
+        self._ring_keys[layer_idx][:, :, slots] = keys[:, :, new - kept :]
+        self._ring_values[layer_idx][:, :, slots] = values[:, :, new - kept :]
         self._seen[layer_idx] = seen + new
 
     def layer(self, layer_idx):
         """(keys, values) stored for a layer, oldest first, each (batch, num_kv_heads, kept, head_dim)."""
         if self.layer_windows[layer_idx] is None:
             return self._full.layer(layer_idx)
-        return tuple(np.concatenate(self._oldest_first(ring[layer_idx], layer_idx), axis=2)
-                     for ring in (self._ring_keys, self._ring_values))
+        return tuple(
+            np.concatenate(self._oldest_first(ring[layer_idx], layer_idx), axis=2)
+            for ring in (self._ring_keys, self._ring_values)
+        )
 
     @property
     def nbytes(self):

@@ -42,8 +42,10 @@ class PretrainedConfig:
     def validate(self):
         """Raise ConfigError naming the field when a value is impossible. Families extend this."""
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
-            raise ConfigError(f"problem_type={self.problem_type!r} is not one of regression, "
-                              "single_label_classification, multi_label_classification")
+            raise ConfigError(
+                f"problem_type={self.problem_type!r} is not one of regression, "
+                "single_label_classification, multi_label_classification"
+            )
 
     @classmethod
     def field_names(cls):

@@ -135,9 +135,22 @@ def check_prompt_ids(input_ids):
 # ---------------------------------------------------------------------------------------------
 
 
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
-             top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed=None):
+def generate(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens=20,
+    do_sample=False,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    seed=None,
+):
     """Generate up to `max_new_tokens` tokens after a (left-padded) batch of prompts.
 
     input_ids: (batch, seq); attention_mask: (batch, seq) with 0 on the left padding.
@@ -146,17 +159,41 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sam
     """
     input_ids = check_prompt_ids(input_ids)
     columns = [input_ids]
-    for tokens in generate_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                  do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                                  pad_token_id=pad_token_id, seed=seed):
+    for tokens in generate_tokens(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        seed=seed,
+    ):
         columns.append(tokens[:, None])
     return np.concatenate(columns, axis=1)
 
 
-def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, temperature=1.0,
-                    top_k=None, top_p=None, min_p=None, repetition_penalty=None, eos_token_id=None,
-                    pad_token_id=None, seed=None):
+def generate_tokens(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens=20,
+    do_sample=False,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    seed=None,
+):
     """The generation loop as an iterator: yields each new column of tokens, (batch,) int64.
 
     Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the token
@@ -169,7 +206,9 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
         attention_mask = np.ones_like(input_ids)
     attention_mask = np.asarray(attention_mask).astype(np.int64)
     if attention_mask.shape != input_ids.shape:
-        raise InputError(f"attention_mask shape {attention_mask.shape} does not match input_ids shape {input_ids.shape}")
+        raise InputError(
+            f"attention_mask shape {attention_mask.shape} does not match input_ids shape {input_ids.shape}"
+        )
     if (attention_mask[:, -1] == 0).any():
         raise InputError("generation needs LEFT padding: the last column of attention_mask must be all ones")
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
@@ -185,11 +224,17 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
         if cache is not None and model.cache_is_stale(cache, sequences.shape[1]):
             cache, step_ids = None, sequences  # re-run everything (Phi-3 longrope crossing its original length)
         if cache is None:  # the whole sequence: positions from the mask, so left padding shifts nothing
-            positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1]:]  # (batch, seq)
+            positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1] :]  # (batch, seq)
         else:  # one new token per row, never padding: the position after the previous one
             positions = positions[:, -1:] + 1  # (batch, 1), without a cumsum over the whole mask
-        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = out.past_key_values
         logits = ops.to_host(out.logits[:, -1])  # (batch, vocab_size)
         if not np.isfinite(logits).all():
@@ -197,8 +242,17 @@ def generate_tokens(model, input_ids, attention_mask=None, *, max_new_tokens=20,
                 f"the model produced NaN or infinite logits (dtype {logits.dtype}); a float16 model whose "
                 "activations overflow does this: load it with dtype='float32' or 'bfloat16'"
             )
-        tokens = next_tokens(logits, sequences, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, rng=rng)
+        tokens = next_tokens(
+            logits,
+            sequences,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            rng=rng,
+        )
         tokens = np.where(done, pad, tokens)  # (batch,)
         sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
         attention_mask = np.concatenate([attention_mask, np.ones((len(tokens), 1), np.int64)], axis=1)

@@ -32,7 +32,10 @@ def cross_entropy(logits, labels, ignore_index=-100):
     if not keep.any():
         return np.float32(np.nan)
     if ((labels[keep] < 0) | (labels[keep] >= logits.shape[-1])).any():
-        raise InputError(f"labels must lie in [0, {logits.shape[-1]}) or equal {ignore_index}; got {labels[keep].min()}..{labels[keep].max()}")
+        raise InputError(
+            f"labels must lie in [0, {logits.shape[-1]}) or equal {ignore_index}; "
+            f"got {labels[keep].min()}..{labels[keep].max()}"
+        )
     log_probs = nn.log_softmax(logits[keep], axis=-1)  # (n_kept, num_classes)
     return np.float32(-np.mean(log_probs[np.arange(keep.sum()), labels[keep]]))
 
@@ -89,7 +92,9 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
         check_labels(np.asarray(positions).reshape(-1), (start_logits.shape[0],), name)
     start = np.clip(np.asarray(start_positions).reshape(-1), 0, seq)
     end = np.clip(np.asarray(end_positions).reshape(-1), 0, seq)
-    return np.float32((cross_entropy(start_logits, start, ignore_index=seq) + cross_entropy(end_logits, end, ignore_index=seq)) / 2)
+    return np.float32(
+        (cross_entropy(start_logits, start, ignore_index=seq) + cross_entropy(end_logits, end, ignore_index=seq)) / 2
+    )
 
 
 def last_non_pad_token(input_ids, pad_token_id):
@@ -149,20 +154,44 @@ class ForCausalLM(HeadModel):
         """(batch, seq, hidden_size) -> (batch, seq, vocab_size)"""
         return ops.linear(hidden, self.params.lm_head.weight)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, logits_to_keep=0, **extra):
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        logits_to_keep=0,
+        **extra,
+    ):
+        out = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **extra,
+        )
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # only the last positions (generation needs one)
         logits = self.compute_logits(hidden)
         loss = causal_lm_loss(ops.to_host(logits), labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions,
-                           router_logits=out.router_logits)
+        return ModelOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            router_logits=out.router_logits,
+        )
 
     def cache_is_stale(self, cache, total_length):
         """Must generation drop its KV cache and re-run the whole sequence before the step that
@@ -180,25 +209,50 @@ class ForSequenceClassification(HeadModel):
     def head_shapes(self):
         return {"score.weight": (self.config.num_labels, self.config.hidden_size)}
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, **extra):
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        **extra,
+    ):
+        out = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **extra,
+        )
         logits = ops.linear(out.last_hidden_state, self.params.score.weight)  # (batch, seq, num_labels)
         batch = logits.shape[0]
         pad = self.config.pad_token_id
         if pad is None and batch != 1:
-            raise InputError("sequence classification of a batch > 1 needs config.pad_token_id to find each row's last token")
+            raise InputError(
+                "sequence classification of a batch > 1 needs config.pad_token_id to find each row's last token"
+            )
         if pad is None or input_ids is None:
             last = np.full(batch, logits.shape[1] - 1)
         else:
             last = last_non_pad_token(np.asarray(input_ids), pad)  # (batch,)
         pooled = logits[ops.like(np.arange(batch), logits), ops.like(last, logits)]  # (batch, num_labels)
         loss = sequence_classification_loss(ops.to_host(pooled), labels, self.config) if labels is not None else None
-        return ModelOutput(loss=loss, logits=pooled, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states, attentions=out.attentions)
+        return ModelOutput(
+            loss=loss,
+            logits=pooled,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
 
 
 class ForTokenClassification(HeadModel):
@@ -210,18 +264,38 @@ class ForTokenClassification(HeadModel):
         n, h = self.config.num_labels, self.config.hidden_size
         return {f"{self.classifier_name}.weight": (n, h), f"{self.classifier_name}.bias": (n,)}
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, **extra):
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        **extra,
+    ):
+        out = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **extra,
+        )
         head = self.params[self.classifier_name]
         logits = ops.linear(out.last_hidden_state, head.weight, head.bias)  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape[:2], "labels (one class per token)")
-            loss = cross_entropy(ops.to_host(logits).reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1))
+            loss = cross_entropy(
+                ops.to_host(logits).reshape(-1, self.config.num_labels), np.asarray(labels).reshape(-1)
+            )
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
@@ -231,17 +305,40 @@ class ForQuestionAnswering(HeadModel):
     def head_shapes(self):
         return {"qa_outputs.weight": (2, self.config.hidden_size), "qa_outputs.bias": (2,)}
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=False,
-                output_hidden_states=False, **extra):
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                              output_attentions=output_attentions, output_hidden_states=output_hidden_states, **extra)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        **extra,
+    ):
+        out = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **extra,
+        )
         logits = ops.linear(out.last_hidden_state, self.params.qa_outputs.weight, self.params.qa_outputs.bias)
         start_logits, end_logits = logits[..., 0], logits[..., 1]  # (batch, seq) each
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = question_answering_loss(ops.to_host(start_logits), ops.to_host(end_logits), start_positions,
-                                           end_positions)
-        return ModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                           hidden_states=out.hidden_states, attentions=out.attentions)
+            loss = question_answering_loss(
+                ops.to_host(start_logits), ops.to_host(end_logits), start_positions, end_positions
+            )
+        return ModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )

@@ -101,7 +101,7 @@ def rope_linear(config, seq_len=None, base=None, scaling=None):
 def rope_dynamic(config, seq_len=None, base=None, scaling=None):
     """Dynamic NTK: past max_position_embeddings the base grows with the length L,
 
-        base' = base * (factor * L / max_pos - (factor - 1)) ^ (d / (d - 2)),   L = max(seq_len, max_pos)
+    base' = base * (factor * L / max_pos - (factor - 1)) ^ (d / (d - 2)),   L = max(seq_len, max_pos)
     """
     factor = _factor(scaling, "dynamic")
     base = config.rope_theta if base is None else base
@@ -182,8 +182,9 @@ def rope_longrope(config, seq_len=None, base=None, scaling=None):
     for name, factors in (("short_factor", short_factor), ("long_factor", long_factor)):
         if not isinstance(factors, (list, tuple)) or len(factors) != dim // 2:
             length = len(factors) if isinstance(factors, (list, tuple)) else type(factors).__name__
-            raise ConfigError(f"rope_scaling['{name}'] must be a list of rope_dim // 2 = {dim // 2} numbers, "
-                              f"got {length}")
+            raise ConfigError(
+                f"rope_scaling['{name}'] must be a list of rope_dim // 2 = {dim // 2} numbers, got {length}"
+            )
     original = original_max_positions(config, scaling)
     factor = scaling.get("factor")
     if factor is None:

@@ -105,9 +105,12 @@ def join_atomically(chunks: list[pathlib.Path], target: pathlib.Path, expected_s
     temp_path = pathlib.Path(temp_name)
     try:
         digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, tqdm(
-            total=expected_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Placing {target.name}"
-        ) as progress:
+        with (
+            os.fdopen(handle, "wb") as out,
+            tqdm(
+                total=expected_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Placing {target.name}"
+            ) as progress,
+        ):
             for chunk in chunks:
                 copy_chunk(chunk, out, digest, progress)
             out.flush()

@@ -71,7 +71,8 @@ def read_safetensors(path):
         if end - begin != expected or data_start + end > size:
             raise CheckpointError(
                 f"{path}: tensor {name!r} is corrupt or truncated "
-                f"(shape {shape} needs {expected} bytes, header gives {end - begin}, file has {size - data_start - begin})"
+                f"(shape {shape} needs {expected} bytes, header gives {end - begin}, "
+                f"file has {size - data_start - begin})"
             )
         tensors[name] = buffer[data_start + begin : data_start + end].view(dtype).reshape(shape)
     return tensors
@@ -84,7 +85,11 @@ def write_safetensors(path, tensors, metadata=None):
         a = np.ascontiguousarray(tensors[name])
         if a.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"cannot save tensor {name!r} of dtype {a.dtype}")
-        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     header["__metadata__"] = dict(metadata or {"format": "pt"})
@@ -125,7 +130,11 @@ def read_checkpoint(folder):
         return read_safetensors(folder / others[0])
     raise CheckpointNotFoundError(
         f"{folder} holds neither {SINGLE_FILE} nor {SHARD_INDEX}"
-        + (" (PyTorch .bin checkpoints are not supported: convert them to safetensors)" if list(folder.glob("*.bin")) else "")
+        + (
+            " (PyTorch .bin checkpoints are not supported: convert them to safetensors)"
+            if list(folder.glob("*.bin"))
+            else ""
+        )
     )
 
 

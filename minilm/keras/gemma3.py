@@ -103,8 +103,8 @@ class Gemma3Backbone(Backbone):
             ),
             rms_norm_eps=layer_norm_epsilon,
             attention_dropout=dropout,
-            use_bidirectional_attention=use_bidirectional_attention,
-        )  # True: ConfigError (minilm's Gemma 3 is causal)
+            use_bidirectional_attention=use_bidirectional_attention,  # True: ConfigError (minilm's Gemma 3 is causal)
+        )
         check_keras_kwargs(type(self), kwargs)
         pooling = {}
         if is_embedding_model:

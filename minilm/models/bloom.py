@@ -71,8 +71,10 @@ class BloomConfig(PretrainedConfig):
         super().validate()
         check_positive(self, "vocab_size", "hidden_size", "n_layer", "n_head")
         if self.hidden_size % self.n_head:
-            raise ConfigError(f"BloomConfig: hidden_size={self.hidden_size} is not divisible by "
-                              f"n_head={self.n_head} (head_dim = hidden_size / n_head must be an integer)")
+            raise ConfigError(
+                f"BloomConfig: hidden_size={self.hidden_size} is not divisible by "
+                f"n_head={self.n_head} (head_dim = hidden_size / n_head must be an integer)"
+            )
 
     @property
     def num_hidden_layers(self):
@@ -155,8 +157,11 @@ def self_attention(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
 
 def mlp(x, p):
     """dense_4h_to_h(gelu_tanh(dense_h_to_4h(x))). (..., hidden_size) -> (..., hidden_size)"""
-    return ops.linear(nn.gelu_tanh(ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias)),
-                      p.dense_4h_to_h.weight, p.dense_4h_to_h.bias)
+    return ops.linear(
+        nn.gelu_tanh(ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias)),
+        p.dense_4h_to_h.weight,
+        p.dense_4h_to_h.bias,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,12 +182,30 @@ def bloom_block(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     return residual + mlp(normed, p.mlp), weights
 
 
-def bloom_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
+def bloom_model(
+    p,
+    cfg,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    output_attentions=False,
+    output_hidden_states=False,
+):
     """The backbone: embeddings -> LayerNorm -> blocks -> final LayerNorm. position_ids are
     accepted and ignored: ALiBi takes positions from the attention mask."""
-    inputs = prepare_inputs(cfg, p.word_embeddings.weight, input_ids, inputs_embeds, attention_mask, position_ids,
-                            past_key_values, use_cache)
+    inputs = prepare_inputs(
+        cfg,
+        p.word_embeddings.weight,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        use_cache,
+    )
     x = inputs.embed(p.word_embeddings.weight)  # (batch, seq, hidden_size)
     x = nn.layer_norm(x, p.word_embeddings_layernorm.weight, p.word_embeddings_layernorm.bias, cfg.layer_norm_epsilon)
     keys = inputs.attention_mask
@@ -198,8 +221,11 @@ def bloom_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, 
         all_attentions.append(weights)
     x = nn.layer_norm(x, p.ln_f.weight, p.ln_f.bias, cfg.layer_norm_epsilon)  # (batch, seq, hidden_size)
     all_hidden.append(x)
-    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
-                         attentions=all_attentions if output_attentions else None)
+    return inputs.output(
+        x,
+        hidden_states=all_hidden if output_hidden_states else None,
+        attentions=all_attentions if output_attentions else None,
+    )
 
 
 def bloom_shapes(cfg):
@@ -208,20 +234,29 @@ def bloom_shapes(cfg):
     hidden, h, d = cfg.hidden_size, cfg.n_head, cfg.head_dim
     shapes = {
         "word_embeddings.weight": (cfg.vocab_size, hidden),
-        "word_embeddings_layernorm.weight": (hidden,), "word_embeddings_layernorm.bias": (hidden,),
-        "ln_f.weight": (hidden,), "ln_f.bias": (hidden,),
+        "word_embeddings_layernorm.weight": (hidden,),
+        "word_embeddings_layernorm.bias": (hidden,),
+        "ln_f.weight": (hidden,),
+        "ln_f.bias": (hidden,),
     }
     for i in range(cfg.n_layer):
         L = f"h.{i}."
-        shapes.update({
-            L + "input_layernorm.weight": (hidden,), L + "input_layernorm.bias": (hidden,),
-            L + "self_attention.query_key_value.weight": (h, 3, d, hidden),
-            L + "self_attention.query_key_value.bias": (h, 3, d),
-            L + "self_attention.dense.weight": (hidden, hidden), L + "self_attention.dense.bias": (hidden,),
-            L + "post_attention_layernorm.weight": (hidden,), L + "post_attention_layernorm.bias": (hidden,),
-            L + "mlp.dense_h_to_4h.weight": (4 * hidden, hidden), L + "mlp.dense_h_to_4h.bias": (4 * hidden,),
-            L + "mlp.dense_4h_to_h.weight": (hidden, 4 * hidden), L + "mlp.dense_4h_to_h.bias": (hidden,),
-        })
+        shapes.update(
+            {
+                L + "input_layernorm.weight": (hidden,),
+                L + "input_layernorm.bias": (hidden,),
+                L + "self_attention.query_key_value.weight": (h, 3, d, hidden),
+                L + "self_attention.query_key_value.bias": (h, 3, d),
+                L + "self_attention.dense.weight": (hidden, hidden),
+                L + "self_attention.dense.bias": (hidden,),
+                L + "post_attention_layernorm.weight": (hidden,),
+                L + "post_attention_layernorm.bias": (hidden,),
+                L + "mlp.dense_h_to_4h.weight": (4 * hidden, hidden),
+                L + "mlp.dense_h_to_4h.bias": (4 * hidden,),
+                L + "mlp.dense_4h_to_h.weight": (hidden, 4 * hidden),
+                L + "mlp.dense_4h_to_h.bias": (hidden,),
+            }
+        )
     return shapes
 
 
@@ -233,16 +268,20 @@ def view_qkv_per_head(tensors, cfg):
             if value.ndim == (4 if name.endswith("weight") else 3):
                 continue  # already in the model's view (a state_dict passed back in)
             if value.shape[0] != 3 * cfg.hidden_size:
-                raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}; BLOOM's fused QKV needs "
-                                      f"{3 * cfg.hidden_size} = 3 * hidden_size rows")
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(value.shape)}; BLOOM's fused QKV needs "
+                    f"{3 * cfg.hidden_size} = 3 * hidden_size rows"
+                )
             out[name] = value.reshape(cfg.n_head, 3, cfg.head_dim, *value.shape[1:])
     return out
 
 
 def fuse_qkv_rows(tensors, cfg):
     """Model -> checkpoint: the (n_head, 3, head_dim, ...) view back to (3 * hidden_size, ...)."""
-    return {name: value.reshape(3 * cfg.hidden_size, *value.shape[3:]) if ".query_key_value." in name else value
-            for name, value in tensors.items()}
+    return {
+        name: value.reshape(3 * cfg.hidden_size, *value.shape[3:]) if ".query_key_value." in name else value
+        for name, value in tensors.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------

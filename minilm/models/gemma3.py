@@ -87,28 +87,45 @@ class Gemma3TextConfig(PretrainedConfig):
     # code and Gemma 2 apply it. False reproduces transformers; Gemma3Backbone sets True.
     apply_attn_logit_softcapping: bool = False
 
-    KERAS_ONLY_DEFAULTS = {"use_query_key_norm": True, "use_post_attention_norm": True, "use_post_ffw_norm": True,
-                           "apply_attn_logit_softcapping": False}
+    KERAS_ONLY_DEFAULTS = {
+        "use_query_key_norm": True,
+        "use_post_attention_norm": True,
+        "use_post_ffw_norm": True,
+        "apply_attn_logit_softcapping": False,
+    }
 
     def __post_init__(self):
         if self.layer_types is None:  # transformers: layer i is global when (i + 1) % pattern == 0
             pattern = self.sliding_window_pattern
             if not isinstance(pattern, int) or pattern < 1:
-                raise ConfigError(f"Gemma3TextConfig.sliding_window_pattern must be a positive integer, got {pattern!r}")
+                raise ConfigError(
+                    f"Gemma3TextConfig.sliding_window_pattern must be a positive integer, got {pattern!r}"
+                )
             self.layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(self.num_hidden_layers)]
         self.layer_types = list(self.layer_types)
         super().__post_init__()
 
     def validate(self):
         super().validate()
-        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                       "num_attention_heads", "num_key_value_heads", "head_dim")
+        check_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_key_value_heads}")
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers="
-                              f"{self.num_hidden_layers}")
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}"
+            )
         unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
         if unknown:
             raise ConfigError(f"layer_types holds {unknown}; Gemma 3 layers are {SLIDING!r} or {FULL!r}")
@@ -121,8 +138,9 @@ class Gemma3TextConfig(PretrainedConfig):
             if cap is not None and not cap > 0:
                 raise ConfigError(f"{name} must be None or > 0, got {cap!r}")
         if self.use_bidirectional_attention:
-            raise ConfigError("use_bidirectional_attention=True (EmbeddingGemma) is not implemented: minilm's "
-                              "Gemma 3 is causal")
+            raise ConfigError(
+                "use_bidirectional_attention=True (EmbeddingGemma) is not implemented: minilm's Gemma 3 is causal"
+            )
 
     @classmethod
     def from_dict(cls, config_dict):
@@ -130,8 +148,10 @@ class Gemma3TextConfig(PretrainedConfig):
         # RoPE plain (rope_local_base_freq, as every released Gemma 3) and says so rather than drop it.
         sliding = (config_dict.get("rope_parameters") or {}).get(SLIDING) or {}
         if rope_type(sliding) != "default":
-            raise ConfigError(f"rope_parameters[{SLIDING!r}] has rope_type {rope_type(sliding)!r}; minilm's "
-                              "Gemma 3 supports rope scaling on the full-attention layers only")
+            raise ConfigError(
+                f"rope_parameters[{SLIDING!r}] has rope_type {rope_type(sliding)!r}; minilm's "
+                "Gemma 3 supports rope scaling on the full-attention layers only"
+            )
         return super().from_dict(config_dict)
 
     def to_dict(self):
@@ -200,9 +220,11 @@ def layer_type_rope(cfg, layer_type, seq_len):
 def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     """x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), attention weights or None"""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
-    k = nn.split_heads(ops.linear(x, p.k_proj.weight, p.k_proj.get("bias")), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
-    v = nn.split_heads(ops.linear(x, p.v_proj.weight, p.v_proj.get("bias")), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    q = ops.linear(x, p.q_proj.weight, p.q_proj.get("bias"))  # (batch, seq, num_heads * head_dim)
+    k = ops.linear(x, p.k_proj.weight, p.k_proj.get("bias"))  # (batch, seq, num_kv_heads * head_dim)
+    v = ops.linear(x, p.v_proj.weight, p.v_proj.get("bias"))  # (batch, seq, num_kv_heads * head_dim)
+    q = nn.split_heads(q, h, d)  # (batch, num_heads, seq, head_dim)
+    k, v = nn.split_heads(k, kvh, d), nn.split_heads(v, kvh, d)  # (batch, num_kv_heads, seq, head_dim) each
     if cfg.use_query_key_norm:  # QK-norm: Gemma's RMSNorm over head_dim, per head
         q = gemma_rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps)
         k = gemma_rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps)
@@ -210,8 +232,15 @@ def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     if inputs.cache is not None:
         k, v = inputs.cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
     mask = inputs.mask(cfg.layer_window(layer_idx), k.shape[2])  # (batch or 1, 1, seq, kv_seq): the keys returned
-    out, weights = ops.attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar**-0.5,
-                                 soft_cap=cfg.attention_soft_cap, return_weights=output_attentions)
+    out, weights = ops.attention(
+        q,
+        k,
+        v,
+        mask,
+        scale=cfg.query_pre_attn_scalar**-0.5,
+        soft_cap=cfg.attention_soft_cap,
+        return_weights=output_attentions,
+    )
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
 
 
@@ -234,8 +263,16 @@ def mlp(x, p, cfg):
 def decoder_layer(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     """Sandwich norms: h = x + norm(attn(norm(x))), then h + norm(mlp(norm(h)))."""
     eps = cfg.rms_norm_eps
-    attn_out, weights = attention(gemma_rms_norm(x, p.input_layernorm.weight, eps), p.self_attn, cfg, layer_idx,
-                                  cos, sin, inputs, output_attentions)
+    attn_out, weights = attention(
+        gemma_rms_norm(x, p.input_layernorm.weight, eps),
+        p.self_attn,
+        cfg,
+        layer_idx,
+        cos,
+        sin,
+        inputs,
+        output_attentions,
+    )
     if cfg.use_post_attention_norm:
         attn_out = gemma_rms_norm(attn_out, p.post_attention_layernorm.weight, eps)
     h = x + attn_out
@@ -252,15 +289,36 @@ def make_cache(cfg):
     return SlidingWindowCache([cfg.layer_window(i) for i in range(cfg.num_hidden_layers)])
 
 
-def gemma3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
+def gemma3_model(
+    p,
+    cfg,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    output_attentions=False,
+    output_hidden_states=False,
+):
     """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm."""
-    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids,
-                            past_key_values, use_cache, new_cache=make_cache)
-    x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size); inputs_embeds unscaled
+    inputs = prepare_inputs(
+        cfg,
+        p.embed_tokens.weight,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        use_cache,
+        new_cache=make_cache,
+    )
+    x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size)
     seq_len = int(np.max(inputs.position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
-    rope = {kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))
-            for kind in sorted(set(cfg.layer_types))}  # (batch, seq, head_dim) x2 per layer type
+    rope = {
+        kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))
+        for kind in sorted(set(cfg.layer_types))
+    }  # (batch, seq, head_dim) x2 per layer type
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.layers):
@@ -270,8 +328,11 @@ def gemma3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None,
         all_attentions.append(weights)
     x = gemma_rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     all_hidden.append(x)
-    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
-                         attentions=all_attentions if output_attentions else None)
+    return inputs.output(
+        x,
+        hidden_states=all_hidden if output_hidden_states else None,
+        attentions=all_attentions if output_attentions else None,
+    )
 
 
 def gemma3_shapes(cfg):
@@ -281,17 +342,19 @@ def gemma3_shapes(cfg):
     shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     for i in range(cfg.num_hidden_layers):
         L = f"layers.{i}."
-        shapes.update({
-            L + "input_layernorm.weight": (h,),
-            L + "pre_feedforward_layernorm.weight": (h,),
-            L + "self_attn.q_proj.weight": (q_rows, h),
-            L + "self_attn.k_proj.weight": (kv_rows, h),
-            L + "self_attn.v_proj.weight": (kv_rows, h),
-            L + "self_attn.o_proj.weight": (h, q_rows),
-            L + "mlp.gate_proj.weight": (m, h),
-            L + "mlp.up_proj.weight": (m, h),
-            L + "mlp.down_proj.weight": (h, m),
-        })
+        shapes.update(
+            {
+                L + "input_layernorm.weight": (h,),
+                L + "pre_feedforward_layernorm.weight": (h,),
+                L + "self_attn.q_proj.weight": (q_rows, h),
+                L + "self_attn.k_proj.weight": (kv_rows, h),
+                L + "self_attn.v_proj.weight": (kv_rows, h),
+                L + "self_attn.o_proj.weight": (h, q_rows),
+                L + "mlp.gate_proj.weight": (m, h),
+                L + "mlp.up_proj.weight": (m, h),
+                L + "mlp.down_proj.weight": (h, m),
+            }
+        )
         if cfg.use_post_attention_norm:
             shapes[L + "post_attention_layernorm.weight"] = (h,)
         if cfg.use_post_ffw_norm:

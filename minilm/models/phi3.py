@@ -85,22 +85,36 @@ class Phi3Config(PretrainedConfig):
 
     def validate(self):
         super().validate()
-        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                       "original_max_position_embeddings")
+        check_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "original_max_position_embeddings",
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"Phi3Config: hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads} (head_dim must be an integer)")
+            raise ConfigError(
+                f"Phi3Config: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (head_dim must be an integer)"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"Phi3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_key_value_heads}")
+            raise ConfigError(
+                f"Phi3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if not 0 < self.partial_rotary_factor <= 1:
             raise ConfigError(f"Phi3Config: partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]")
         if self.sliding_window is not None:
             check_positive(self, "sliding_window")
         if rope_type(self.rope_scaling) not in ("default", "longrope"):
-            raise ConfigError(f"Phi3Config: rope_scaling type {rope_type(self.rope_scaling)!r} is not one Phi-3 "
-                              "supports (longrope, also spelled su)")
+            raise ConfigError(
+                f"Phi3Config: rope_scaling type {rope_type(self.rope_scaling)!r} is not one Phi-3 "
+                "supports (longrope, also spelled su)"
+            )
         check_rope_scaling(self)
 
     @property
@@ -154,19 +168,40 @@ def mlp(x, p, cfg):
 
 def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     """Pre-norm residual block: h = x + attn(norm(x)), then h + mlp(norm(h))."""
-    attn_out, weights = attention(nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps), p.self_attn, cfg,
-                                  layer_idx, cos, sin, mask, cache, output_attentions)
+    attn_out, weights = attention(
+        nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps),
+        p.self_attn,
+        cfg,
+        layer_idx,
+        cos,
+        sin,
+        mask,
+        cache,
+        output_attentions,
+    )
     h = x + attn_out
     return h + mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg), weights
 
 
-def phi3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-               inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False):
+def phi3_model(
+    p,
+    cfg,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    output_attentions=False,
+    output_hidden_states=False,
+):
     """The backbone: embeddings -> decoder layers -> final RMSNorm."""
-    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids,
-                            past_key_values, use_cache)
+    inputs = prepare_inputs(
+        cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache
+    )
     x = inputs.embed(p.embed_tokens.weight)  # (batch, seq, hidden_size)
-    cos, sin = map(inputs.place, rope_for_positions(cfg, inputs.position_ids))  # (batch, seq, rope_dim); longrope: short or long set
+    cos, sin = rope_for_positions(cfg, inputs.position_ids)  # (batch, seq, rope_dim); longrope: short or long set
+    cos, sin = inputs.place(cos), inputs.place(sin)
     mask = inputs.mask(cfg.sliding_window)  # (batch or 1, 1, seq, past + seq)
 
     all_hidden, all_attentions = [], []
@@ -176,8 +211,11 @@ def phi3_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, p
         all_attentions.append(weights)
     x = nn.rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     all_hidden.append(x)
-    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
-                         attentions=all_attentions if output_attentions else None)
+    return inputs.output(
+        x,
+        hidden_states=all_hidden if output_hidden_states else None,
+        attentions=all_attentions if output_attentions else None,
+    )
 
 
 def phi3_shapes(cfg):
@@ -187,17 +225,19 @@ def phi3_shapes(cfg):
     shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     for i in range(cfg.num_hidden_layers):
         L = f"layers.{i}."
-        shapes.update({
-            L + "input_layernorm.weight": (h,),
-            L + "post_attention_layernorm.weight": (h,),
-            L + "self_attn.q_proj.weight": (q_rows, h),
-            L + "self_attn.k_proj.weight": (kv_rows, h),
-            L + "self_attn.v_proj.weight": (kv_rows, h),
-            L + "self_attn.o_proj.weight": (h, q_rows),
-            L + "mlp.gate_proj.weight": (m, h),
-            L + "mlp.up_proj.weight": (m, h),
-            L + "mlp.down_proj.weight": (h, m),
-        })
+        shapes.update(
+            {
+                L + "input_layernorm.weight": (h,),
+                L + "post_attention_layernorm.weight": (h,),
+                L + "self_attn.q_proj.weight": (q_rows, h),
+                L + "self_attn.k_proj.weight": (kv_rows, h),
+                L + "self_attn.v_proj.weight": (kv_rows, h),
+                L + "self_attn.o_proj.weight": (h, q_rows),
+                L + "mlp.gate_proj.weight": (m, h),
+                L + "mlp.up_proj.weight": (m, h),
+                L + "mlp.down_proj.weight": (h, m),
+            }
+        )
     return shapes
 
 
@@ -225,8 +265,9 @@ def split_fused(tensors, cfg):
 
 def _check_rows(name, value, rows, formula):
     if value.ndim != 2 or value.shape[0] != rows:
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}; "
-                              f"the config gives {formula} = {rows} rows")
+        raise CheckpointError(
+            f"tensor {name!r} has shape {tuple(value.shape)}; the config gives {formula} = {rows} rows"
+        )
 
 
 def fuse_projections(tensors, cfg):
@@ -236,7 +277,8 @@ def fuse_projections(tensors, cfg):
         if name.endswith("self_attn.q_proj.weight"):
             prefix = name[: -len("q_proj.weight")]
             out[prefix + "qkv_proj.weight"] = np.concatenate(
-                [value, tensors[prefix + "k_proj.weight"], tensors[prefix + "v_proj.weight"]])
+                [value, tensors[prefix + "k_proj.weight"], tensors[prefix + "v_proj.weight"]]
+            )
         elif name.endswith("mlp.gate_proj.weight"):
             prefix = name[: -len("gate_proj.weight")]
             out[prefix + "gate_up_proj.weight"] = np.concatenate([value, tensors[prefix + "up_proj.weight"]])

@@ -73,13 +73,26 @@ class Qwen3MoeConfig(PretrainedConfig):
 
     def validate(self):
         super().validate()
-        check_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "num_experts_per_tok", "decoder_sparse_step")
+        check_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_experts_per_tok",
+            "decoder_sparse_step",
+        )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_key_value_heads}")
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}"
+            )
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ConfigError(f"mlp_only_layers {bad} are not layer indices of a {self.num_hidden_layers}-layer model")
@@ -91,8 +104,11 @@ class Qwen3MoeConfig(PretrainedConfig):
 
     def is_sparse_layer(self, layer_idx):
         """MoE block or dense MLP? Sparse unless listed in mlp_only_layers or off the sparse step."""
-        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
-                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+        return (
+            layer_idx not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +119,11 @@ class Qwen3MoeConfig(PretrainedConfig):
 def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     """x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), attention weights or None"""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
-    k = nn.split_heads(ops.linear(x, p.k_proj.weight, p.k_proj.get("bias")), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
-    v = nn.split_heads(ops.linear(x, p.v_proj.weight, p.v_proj.get("bias")), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    q = ops.linear(x, p.q_proj.weight, p.q_proj.get("bias"))  # (batch, seq, num_heads * head_dim)
+    k = ops.linear(x, p.k_proj.weight, p.k_proj.get("bias"))  # (batch, seq, num_kv_heads * head_dim)
+    v = ops.linear(x, p.v_proj.weight, p.v_proj.get("bias"))  # (batch, seq, num_kv_heads * head_dim)
+    q = nn.split_heads(q, h, d)  # (batch, num_heads, seq, head_dim)
+    k, v = nn.split_heads(k, kvh, d), nn.split_heads(v, kvh, d)  # (batch, num_kv_heads, seq, head_dim) each
     q = nn.rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps)  # QK-norm: RMSNorm over head_dim, per head
     k = nn.rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -147,15 +165,15 @@ def route(router_logits, top_k, norm_topk_prob):
 
 
 def sparse_moe_block(x, p, cfg):
-    """Router + experts. x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), router_logits (tokens, num_experts)"""
+    """Router + experts.
+    x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), router_logits (tokens, num_experts)"""
     b, s, hidden = x.shape
     tokens = x.reshape(b * s, hidden)  # (tokens, hidden_size)
     router_logits = ops.linear(tokens, p.gate.weight)  # (tokens, num_experts)
     top_k_index, top_k_weights = route(router_logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-    e = p.experts
-    out = ops.moe_dispatch(tokens, top_k_index, top_k_weights.astype(x.dtype), e.gate_proj, e.up_proj,
-                           e.down_proj, cfg.hidden_act)  # (tokens, hidden_size)
-    return out.reshape(b, s, hidden), router_logits
+    e, weights = p.experts, top_k_weights.astype(x.dtype)
+    out = ops.moe_dispatch(tokens, top_k_index, weights, e.gate_proj, e.up_proj, e.down_proj, cfg.hidden_act)
+    return out.reshape(b, s, hidden), router_logits  # (batch, seq, hidden_size), (tokens, num_experts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +183,17 @@ def sparse_moe_block(x, p, cfg):
 
 def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
-    attn_out, weights = attention(nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps), p.self_attn, cfg,
-                                  layer_idx, cos, sin, mask, cache, output_attentions)
+    attn_out, weights = attention(
+        nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps),
+        p.self_attn,
+        cfg,
+        layer_idx,
+        cos,
+        sin,
+        mask,
+        cache,
+        output_attentions,
+    )
     h = x + attn_out
     normed = nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps)
     if cfg.is_sparse_layer(layer_idx):
@@ -176,12 +203,23 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
     return h + ffn_out, weights, router_logits
 
 
-def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False,
-                    output_router_logits=None):
+def qwen3_moe_model(
+    p,
+    cfg,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    output_attentions=False,
+    output_hidden_states=False,
+    output_router_logits=None,
+):
     """The backbone: embeddings -> decoder layers -> final RMSNorm."""
-    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids,
-                            past_key_values, use_cache)
+    inputs = prepare_inputs(
+        cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache
+    )
     x = inputs.embed(p.embed_tokens.weight)  # (batch, seq, hidden_size)
     cos, sin = map(inputs.place, rope_cos_sin(inputs.position_ids, *compute_inv_freq(cfg)))  # (batch, seq, head_dim)
     mask = inputs.mask(cfg.window)  # (batch or 1, 1, seq, past + seq)
@@ -189,8 +227,9 @@ def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=No
     all_hidden, all_attentions, all_router_logits = [], [], []
     for layer_idx, layer in enumerate(p.layers):
         all_hidden.append(x)
-        x, weights, router_logits = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, inputs.cache,
-                                                  output_attentions)
+        x, weights, router_logits = decoder_layer(
+            x, layer, cfg, layer_idx, cos, sin, mask, inputs.cache, output_attentions
+        )
         all_attentions.append(weights)
         if router_logits is not None:
             all_router_logits.append(router_logits)
@@ -198,9 +237,12 @@ def qwen3_moe_model(p, cfg, input_ids=None, attention_mask=None, position_ids=No
     all_hidden.append(x)
     if output_router_logits is None:
         output_router_logits = cfg.output_router_logits
-    return inputs.output(x, hidden_states=all_hidden if output_hidden_states else None,
-                         attentions=all_attentions if output_attentions else None,
-                         router_logits=all_router_logits if output_router_logits else None)
+    return inputs.output(
+        x,
+        hidden_states=all_hidden if output_hidden_states else None,
+        attentions=all_attentions if output_attentions else None,
+        router_logits=all_router_logits if output_router_logits else None,
+    )
 
 
 def qwen3_moe_shapes(cfg):
@@ -209,32 +251,45 @@ def qwen3_moe_shapes(cfg):
     shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     for i in range(cfg.num_hidden_layers):
         L = f"layers.{i}."
-        shapes.update({
-            L + "input_layernorm.weight": (h,),
-            L + "post_attention_layernorm.weight": (h,),
-            L + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
-            L + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
-            L + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
-            L + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
-            L + "self_attn.q_norm.weight": (d,),
-            L + "self_attn.k_norm.weight": (d,),
-        })
+        shapes.update(
+            {
+                L + "input_layernorm.weight": (h,),
+                L + "post_attention_layernorm.weight": (h,),
+                L + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
+                L + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
+                L + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
+                L + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+                L + "self_attn.q_norm.weight": (d,),
+                L + "self_attn.k_norm.weight": (d,),
+            }
+        )
         if cfg.attention_bias:
-            for name, rows in (("q", cfg.num_attention_heads * d), ("k", cfg.num_key_value_heads * d),
-                               ("v", cfg.num_key_value_heads * d), ("o", h)):
+            for name, rows in (
+                ("q", cfg.num_attention_heads * d),
+                ("k", cfg.num_key_value_heads * d),
+                ("v", cfg.num_key_value_heads * d),
+                ("o", h),
+            ):
                 shapes[L + f"self_attn.{name}_proj.bias"] = (rows,)
         if cfg.is_sparse_layer(i):
             e, m = cfg.num_experts, cfg.moe_intermediate_size
-            shapes.update({
-                L + "mlp.gate.weight": (e, h),
-                L + "mlp.experts.gate_proj": (e, m, h),
-                L + "mlp.experts.up_proj": (e, m, h),
-                L + "mlp.experts.down_proj": (e, h, m),
-            })
+            shapes.update(
+                {
+                    L + "mlp.gate.weight": (e, h),
+                    L + "mlp.experts.gate_proj": (e, m, h),
+                    L + "mlp.experts.up_proj": (e, m, h),
+                    L + "mlp.experts.down_proj": (e, h, m),
+                }
+            )
         else:
             m = cfg.intermediate_size
-            shapes.update({L + "mlp.gate_proj.weight": (m, h), L + "mlp.up_proj.weight": (m, h),
-                           L + "mlp.down_proj.weight": (h, m)})
+            shapes.update(
+                {
+                    L + "mlp.gate_proj.weight": (m, h),
+                    L + "mlp.up_proj.weight": (m, h),
+                    L + "mlp.down_proj.weight": (h, m),
+                }
+            )
     return shapes
 
 
@@ -259,11 +314,15 @@ def stack_experts(tensors, cfg):
     for (prefix, proj), experts in per_expert.items():
         missing = sorted(set(range(cfg.num_experts)) - set(experts))
         if missing or len(experts) != cfg.num_experts:
-            raise CheckpointError(f"{prefix}.mlp.experts: expected {cfg.num_experts} experts' {proj}, "
-                                  f"missing {missing[:5]} or extra {sorted(set(experts) - set(range(cfg.num_experts)))[:5]}")
+            raise CheckpointError(
+                f"{prefix}.mlp.experts: expected {cfg.num_experts} experts' {proj}, "
+                f"missing {missing[:5]} or extra {sorted(set(experts) - set(range(cfg.num_experts)))[:5]}"
+            )
         shapes = {a.shape for a in experts.values()}
         if len(shapes) != 1:
-            raise CheckpointError(f"{prefix}.mlp.experts.*.{proj}.weight: experts have different shapes {sorted(shapes)}")
+            raise CheckpointError(
+                f"{prefix}.mlp.experts.*.{proj}.weight: experts have different shapes {sorted(shapes)}"
+            )
         out[f"{prefix}.mlp.experts.{proj}"] = np.stack([experts[i] for i in range(cfg.num_experts)])
     return out
 
@@ -309,7 +368,8 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
         attention_mask = np.asarray(attention_mask)
         seq = router_logits[0].shape[0] // attention_mask.shape[0]
         attention_mask = attention_mask[:, attention_mask.shape[1] - seq :]  # (batch, seq)
-    probs = nn.softmax(np.concatenate(router_logits, axis=0).astype(np.float32), axis=-1)  # (layers * tokens, num_experts)
+    logits = np.concatenate(router_logits, axis=0).astype(np.float32)  # (layers * tokens, num_experts)
+    probs = nn.softmax(logits, axis=-1)  # (layers * tokens, num_experts)
     top_k_index = top_k_experts(probs, top_k)  # (layers * tokens, top_k)
     chosen = np.zeros_like(probs)
     np.put_along_axis(chosen, top_k_index, 1.0, axis=-1)  # one-hot of the k chosen experts
@@ -328,20 +388,40 @@ class Qwen3MoeForCausalLM(ForCausalLM):
     config_class = Qwen3MoeConfig
     base_model_class = Qwen3MoeModel
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, output_router_logits=None, logits_to_keep=0):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        output_router_logits=None,
+        logits_to_keep=0,
+    ):
         cfg = self.config
         if output_router_logits is None:
             output_router_logits = cfg.output_router_logits
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                              use_cache=use_cache, output_attentions=output_attentions,
-                              output_hidden_states=output_hidden_states, logits_to_keep=logits_to_keep,
-                              output_router_logits=output_router_logits)
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
+            output_router_logits=output_router_logits,
+        )
         if output_router_logits and out.router_logits:
-            out.aux_loss = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
-                                               attention_mask)
+            out.aux_loss = load_balancing_loss(
+                out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask
+            )
             if out.loss is not None:
                 out.loss = np.float32(out.loss + cfg.router_aux_loss_coef * out.aux_loss)
         return out
