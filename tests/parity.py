@@ -4,14 +4,18 @@ Used by each family's tests. Positions are compared where attention_mask == 1 (o
 padding positions are meaningless in transformers too)."""
 
 import numpy as np
-
 from conftest import assert_close
+
 from minilm import ops
 
 
 def forward_kwargs(ref, head):
-    kwargs = dict(input_ids=ref["input_ids"], attention_mask=ref.get("attention_mask"),
-                  output_hidden_states=True, output_attentions=True)
+    kwargs = dict(
+        input_ids=ref["input_ids"],
+        attention_mask=ref.get("attention_mask"),
+        output_hidden_states=True,
+        output_attentions=True,
+    )
     if "position_ids" in ref:
         kwargs["position_ids"] = ref["position_ids"]
     if head == "qa":
@@ -28,7 +32,11 @@ def compare_outputs(out, ref, report=None):
     keep_tokens = None if mask is None else mask.astype(bool)  # (batch, seq)
     for name in ("logits", "start_logits", "end_logits", "last_hidden_state"):
         if name in ref and getattr(out, name) is not None:
-            keep = keep_tokens if getattr(out, name).ndim >= 2 and getattr(out, name).shape[:2] == ref["input_ids"].shape else None
+            keep = (
+                keep_tokens
+                if getattr(out, name).ndim >= 2 and getattr(out, name).shape[:2] == ref["input_ids"].shape
+                else None
+            )
             report[name] = assert_close(getattr(out, name), ref[name], keep, name)
     for name in ("loss", "aux_loss"):
         if name in ref:
@@ -65,8 +73,13 @@ def check_generation(model, ref, meta=None):
     gen = ref["generated_ids"]
     new = gen.shape[1] - ref["generate_input_ids"].shape[1]
     pad = (meta or {}).get("generation", {}).get("pad_token_id")
-    ids = model.generate(ref["generate_input_ids"], attention_mask=ref["generate_attention_mask"],
-                         max_new_tokens=new, eos_token_id=[], pad_token_id=pad)
+    ids = model.generate(
+        ref["generate_input_ids"],
+        attention_mask=ref["generate_attention_mask"],
+        max_new_tokens=new,
+        eos_token_id=[],
+        pad_token_id=pad,
+    )
     np.testing.assert_array_equal(ids, gen)
     for r in range(gen.shape[0]):
         if f"single_input_ids_{r}" in ref:

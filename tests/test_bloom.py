@@ -6,15 +6,21 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_close, load_reference, max_diff, tolerance
+from parity import check_generation, compare_outputs, forward_kwargs
 
 import minilm
-from conftest import assert_close, load_reference, max_diff, tolerance
-from minilm.io.safetensors import read_checkpoint, read_safetensors, write_safetensors
-from minilm.errors import CheckpointError, ConfigError
 from minilm import BloomBackbone
-from minilm.models.bloom import (BloomConfig, BloomForCausalLM, BloomForTokenClassification, BloomModel,
-                                 alibi_bias, alibi_slopes)
-from parity import check_generation, compare_outputs, forward_kwargs
+from minilm.errors import CheckpointError, ConfigError
+from minilm.io.safetensors import read_checkpoint, read_safetensors, write_safetensors
+from minilm.models.bloom import (
+    BloomConfig,
+    BloomForCausalLM,
+    BloomForTokenClassification,
+    BloomModel,
+    alibi_bias,
+    alibi_slopes,
+)
 
 FIXTURES = {
     "bloom_causal_lm": "BloomForCausalLM",
@@ -57,7 +63,7 @@ def test_alibi_slopes_powers_of_two_and_interleaved_series():
     np.testing.assert_array_equal(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
     np.testing.assert_array_equal(alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))  # 4's series, then 8's odd
     np.testing.assert_array_equal(alibi_slopes(5), 2.0 ** -np.array([2, 4, 6, 8, 1]))
-    np.testing.assert_array_equal(alibi_slopes(1), [2.0 ** -8])
+    np.testing.assert_array_equal(alibi_slopes(1), [2.0**-8])
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 3, 5, 6, 7, 12, 16, 24, 31, 32, 40, 64, 71, 112, 128])
@@ -89,7 +95,7 @@ def test_left_padding_shifts_nothing_in_the_model():
     mask = ref["attention_mask"]
     batch = model(ref["input_ids"], attention_mask=mask).logits
     for r in range(len(mask)):
-        alone = model(ref["input_ids"][r:r + 1, mask[r] == 1]).logits  # no mask at all: ALiBi from arange
+        alone = model(ref["input_ids"][r : r + 1, mask[r] == 1]).logits  # no mask at all: ALiBi from arange
         assert_close(batch[r, mask[r] == 1], alone[0])
 
 
@@ -105,9 +111,9 @@ def test_query_key_value_is_viewed_per_head_and_saved_back_fused(tmp_path):
     view = model.params.transformer.h[0].self_attention.query_key_value.weight  # (n_head, 3, head_dim, hidden)
     assert view.shape == (cfg.n_head, 3, d, hidden)
     for h in range(cfg.n_head):  # rows of head h: [q (d rows), k (d rows), v (d rows)]
-        np.testing.assert_array_equal(view[h, 0], fused[3 * d * h: 3 * d * h + d])  # q_h
-        np.testing.assert_array_equal(view[h, 1], fused[3 * d * h + d: 3 * d * h + 2 * d])  # k_h
-        np.testing.assert_array_equal(view[h, 2], fused[3 * d * h + 2 * d: 3 * d * (h + 1)])  # v_h
+        np.testing.assert_array_equal(view[h, 0], fused[3 * d * h : 3 * d * h + d])  # q_h
+        np.testing.assert_array_equal(view[h, 1], fused[3 * d * h + d : 3 * d * h + 2 * d])  # k_h
+        np.testing.assert_array_equal(view[h, 2], fused[3 * d * h + 2 * d : 3 * d * (h + 1)])  # v_h
     model.save_pretrained(tmp_path / "saved")
     saved, original = read_checkpoint(tmp_path / "saved"), read_checkpoint(folder)
     assert set(saved) == set(original)  # lm_head stays tied (not written), as transformers saves it
@@ -164,7 +170,9 @@ def test_cached_decoding_equals_full_recompute_with_left_padding():
     p = ids.shape[1]
     steps = [model(seq[:, :p], attention_mask=m[:, :p], past_key_values=cache, use_cache=True).logits]
     for t in range(p, seq.shape[1]):
-        steps.append(model(seq[:, t:t + 1], attention_mask=m[:, :t + 1], past_key_values=cache, use_cache=True).logits)
+        steps.append(
+            model(seq[:, t : t + 1], attention_mask=m[:, : t + 1], past_key_values=cache, use_cache=True).logits
+        )
     assert_close(np.concatenate(steps, axis=1), full, keep=m.astype(bool))
 
 
@@ -180,11 +188,14 @@ def test_config_reads_both_spellings():
     assert "n_embed" not in hub.extra and hub.to_dict()["hidden_size"] == 64
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"hidden_size": 36, "n_head": 5}, "hidden_size=36 is not divisible by n_head=5"),
-    ({"n_head": 0}, "n_head must be a positive integer"),
-    ({"n_layer": -1}, "n_layer must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"hidden_size": 36, "n_head": 5}, "hidden_size=36 is not divisible by n_head=5"),
+        ({"n_head": 0}, "n_head must be a positive integer"),
+        ({"n_layer": -1}, "n_layer must be a positive integer"),
+    ],
+)
 def test_bad_config_raises_config_error(changes, message):
     with pytest.raises(ConfigError) as err:
         BloomConfig.from_dict({"vocab_size": 10, "hidden_size": 24, "n_head": 6, **changes})
@@ -216,11 +227,20 @@ def test_backbone_and_hf_model_agree_exactly():
     np.testing.assert_array_equal(logits, hf(ref["input_ids"], attention_mask=ref["attention_mask"]).logits)
     # the keras-style constructor on the same weights
     config = backbone.get_config()
-    assert config == {"vocabulary_size": 96, "num_layers": 2, "num_heads": 6, "hidden_dim": 36,
-                      "intermediate_dim": 144, "dropout": 0.0, "layer_norm_epsilon": 1e-5, "dtype": "float32"}
+    assert config == {
+        "vocabulary_size": 96,
+        "num_layers": 2,
+        "num_heads": 6,
+        "hidden_dim": 36,
+        "intermediate_dim": 144,
+        "dropout": 0.0,
+        "layer_norm_epsilon": 1e-5,
+        "dtype": "float32",
+    }
     rebuilt = BloomBackbone(**config, params=hf.state_dict())
-    np.testing.assert_array_equal(rebuilt({"token_ids": ref["input_ids"], "padding_mask": ref["attention_mask"]}),
-                                  expected)
+    np.testing.assert_array_equal(
+        rebuilt({"token_ids": ref["input_ids"], "padding_mask": ref["attention_mask"]}), expected
+    )
 
 
 def test_backbone_preset_round_trip(tmp_path):

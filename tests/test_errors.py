@@ -11,9 +11,19 @@ from minilm.io.safetensors import read_safetensors, write_safetensors
 
 @pytest.fixture(scope="module")
 def config():
-    return minilm.Qwen3MoeConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                 moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    return minilm.Qwen3MoeConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_intermediate_size=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +101,17 @@ def test_bad_generation_options(model):
 
 
 def test_backbone_bad_call():
-    b = minilm.Qwen3MoeBackbone(vocabulary_size=20, num_layers=1, num_query_heads=2, num_key_value_heads=1,
-                                hidden_dim=8, intermediate_dim=8, moe_intermediate_dim=4, num_experts=2, top_k=1)
+    b = minilm.Qwen3MoeBackbone(
+        vocabulary_size=20,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=8,
+        moe_intermediate_dim=4,
+        num_experts=2,
+        top_k=1,
+    )
     with pytest.raises(minilm.InputError, match="token_ids"):
         b(np.array([[1, 2]]))
     with pytest.raises(minilm.InputError, match=r"token ids must lie in \[0, 20\)"):
@@ -117,7 +136,9 @@ def test_unknown_architecture(saved, tmp_path):
     folder = copy_checkpoint(saved, tmp_path / "x", edit_config=lambda c: c.update(architectures=["LlamaForCausalLM"]))
     with pytest.raises(minilm.UnknownArchitectureError, match="unknown architecture 'LlamaForCausalLM'"):
         minilm.from_pretrained(folder)
-    folder2 = copy_checkpoint(saved, tmp_path / "y", edit_config=lambda c: c.update(architectures=None, model_type="mamba"))
+    folder2 = copy_checkpoint(
+        saved, tmp_path / "y", edit_config=lambda c: c.update(architectures=None, model_type="mamba")
+    )
     with pytest.raises(minilm.UnknownArchitectureError, match="'mamba'"):
         minilm.from_pretrained(folder2)
 
@@ -143,13 +164,18 @@ def test_missing_weights_file(saved, tmp_path):
     folder = tmp_path / "noweights"
     folder.mkdir()
     (folder / "config.json").write_text((saved / "config.json").read_text())
-    with pytest.raises(minilm.CheckpointNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(
+        minilm.CheckpointNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"
+    ):
         minilm.from_pretrained(folder)
 
 
 def test_config_that_does_not_match_the_checkpoint(saved, tmp_path):
     folder = copy_checkpoint(saved, tmp_path / "x", edit_config=lambda c: c.update(hidden_size=32, head_dim=8))
-    with pytest.raises(minilm.CheckpointError, match=r"tensor 'model.embed_tokens.weight' has shape \(50, 16\) but the config gives \(50, 32\)"):
+    with pytest.raises(
+        minilm.CheckpointError,
+        match=r"tensor 'model.embed_tokens.weight' has shape \(50, 16\) but the config gives \(50, 32\)",
+    ):
         minilm.from_pretrained(folder)
     folder = copy_checkpoint(saved, tmp_path / "y", edit_config=lambda c: c.update(num_hidden_layers=3))
     with pytest.raises(minilm.CheckpointError, match=r"missing .*model.layers.2.*config.json match"):
@@ -157,26 +183,35 @@ def test_config_that_does_not_match_the_checkpoint(saved, tmp_path):
 
 
 def test_missing_tensor(saved, tmp_path):
-    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    folder = copy_checkpoint(
+        saved, tmp_path / "x", edit_tensors=lambda t: t.pop("model.layers.1.self_attn.k_norm.weight")
+    )
     with pytest.raises(minilm.CheckpointError, match="missing 1 tensor.*'model.layers.1.self_attn.k_norm.weight'"):
         minilm.from_pretrained(folder)
 
 
 def test_unexpected_tensor(saved, tmp_path):
-    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=lambda t: t.update({"model.layers.0.extra.weight": np.ones(3, np.float32)}))
+    folder = copy_checkpoint(
+        saved, tmp_path / "x", edit_tensors=lambda t: t.update({"model.layers.0.extra.weight": np.ones(3, np.float32)})
+    )
     with pytest.raises(minilm.CheckpointError, match="unexpected tensor.*'model.layers.0.extra.weight'"):
         minilm.from_pretrained(folder)
 
 
 def test_missing_expert(saved, tmp_path):
-    folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=lambda t: t.pop("model.layers.0.mlp.experts.3.up_proj.weight"))
-    with pytest.raises(minilm.CheckpointError, match=r"model.layers.0.mlp.experts: expected 4 experts' up_proj, missing \[3\]"):
+    folder = copy_checkpoint(
+        saved, tmp_path / "x", edit_tensors=lambda t: t.pop("model.layers.0.mlp.experts.3.up_proj.weight")
+    )
+    with pytest.raises(
+        minilm.CheckpointError, match=r"model.layers.0.mlp.experts: expected 4 experts' up_proj, missing \[3\]"
+    ):
         minilm.from_pretrained(folder)
 
 
 def test_nan_tensor(saved, tmp_path):
     def poison(t):
         t["model.norm.weight"][3] = np.nan
+
     folder = copy_checkpoint(saved, tmp_path / "x", edit_tensors=poison)
     with pytest.raises(minilm.CheckpointError, match="'model.norm.weight' holds NaN"):
         minilm.from_pretrained(folder)
@@ -203,7 +238,9 @@ def test_bad_json(tmp_path):
 
 def test_offline_hub_handle(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(minilm.CheckpointNotFoundError, match="hf://Qwen/Qwen3-30B-A3B is not in the local Hugging Face cache"):
+    with pytest.raises(
+        minilm.CheckpointNotFoundError, match="hf://Qwen/Qwen3-30B-A3B is not in the local Hugging Face cache"
+    ):
         minilm.Backbone.from_preset("hf://Qwen/Qwen3-30B-A3B")
     with pytest.raises(minilm.CheckpointNotFoundError, match="cannot resolve 'kaggle://"):
         minilm.Backbone.from_preset("kaggle://keras/qwen3_moe/keras/x")
@@ -235,19 +272,27 @@ def test_generation_with_router_logits_in_the_config(config):
     lm = minilm.Qwen3MoeForCausalLM(config.replace(output_router_logits=True), seed=1)
     plain = minilm.Qwen3MoeForCausalLM(config, params=lm.state_dict())
     ids, mask = np.array([[0, 5, 6, 7], [4, 5, 6, 7]]), np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(lm.generate(ids, attention_mask=mask, max_new_tokens=4),
-                                  plain.generate(ids, attention_mask=mask, max_new_tokens=4))
+    np.testing.assert_array_equal(
+        lm.generate(ids, attention_mask=mask, max_new_tokens=4),
+        plain.generate(ids, attention_mask=mask, max_new_tokens=4),
+    )
     out = lm(ids, attention_mask=mask)
     assert np.isfinite(out.aux_loss) and out.router_logits is not None
 
 
-@pytest.mark.parametrize("head, kwargs, match", [
-    ("Qwen3MoeForCausalLM", {"labels": np.array([[1, 2]])}, "labels"),
-    ("Qwen3MoeForTokenClassification", {"labels": np.array([1, 0, 1])}, "labels"),
-    ("Qwen3MoeForSequenceClassification", {"labels": np.array([[1, 0, 1]])}, "labels"),
-    ("Qwen3MoeForQuestionAnswering", {"start_positions": np.array([1, 2]), "end_positions": np.array([2])},
-     "start_positions"),
-])
+@pytest.mark.parametrize(
+    "head, kwargs, match",
+    [
+        ("Qwen3MoeForCausalLM", {"labels": np.array([[1, 2]])}, "labels"),
+        ("Qwen3MoeForTokenClassification", {"labels": np.array([1, 0, 1])}, "labels"),
+        ("Qwen3MoeForSequenceClassification", {"labels": np.array([[1, 0, 1]])}, "labels"),
+        (
+            "Qwen3MoeForQuestionAnswering",
+            {"start_positions": np.array([1, 2]), "end_positions": np.array([2])},
+            "start_positions",
+        ),
+    ],
+)
 def test_labels_of_the_wrong_shape(config, head, kwargs, match):
     model = getattr(minilm, head)(config)
     with pytest.raises(minilm.InputError, match=match):

@@ -10,19 +10,18 @@ that do the same arithmetic are exact or stated.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, assert_close, load_reference, max_diff, tolerance
+from parity import check_generation, compare_outputs, forward_kwargs
 
 import minilm
-from conftest import FIXTURES, assert_close, load_reference, max_diff, tolerance
+from minilm import Gemma3Backbone
 from minilm.cache import KVCache, SlidingWindowCache
 from minilm.errors import CheckpointError, ConfigError, UnknownArchitectureError
 from minilm.models import gemma3
-from minilm import Gemma3Backbone
 from minilm.models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
-from parity import check_generation, compare_outputs, forward_kwargs
 
 HEADS = {"gemma3_causal_lm": "causal_lm", "gemma3_causal_lm_nocap": "causal_lm", "gemma3_base": "base"}
 
@@ -33,10 +32,22 @@ def run(model, ref, head):
 
 def tiny_config(**overrides):
     """Two sliding layers then a global one, window 4, GQA 4:2, head_dim 8 != 24/4, scalar 6."""
-    settings = dict(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=6, sliding_window=4,
-                    sliding_window_pattern=3, final_logit_softcapping=4.0, rope_local_base_freq=100.0,
-                    rope_theta=1000.0, pad_token_id=0)
+    settings = dict(
+        vocab_size=40,
+        hidden_size=24,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=6,
+        sliding_window=4,
+        sliding_window_pattern=3,
+        final_logit_softcapping=4.0,
+        rope_local_base_freq=100.0,
+        rope_theta=1000.0,
+        pad_token_id=0,
+    )
     settings.update(overrides)
     return Gemma3TextConfig(**settings)
 
@@ -44,8 +55,11 @@ def tiny_config(**overrides):
 def perturbed(model, seed=0, scale=0.3):
     """Every weight moved off its init (norm weights too), so no feature hides behind a zero."""
     rng = np.random.default_rng(seed)
-    state = {k: v + rng.normal(0, scale, v.shape).astype(v.dtype) for k, v in model.state_dict().items()
-             if k not in model.tied_weights()}
+    state = {
+        k: v + rng.normal(0, scale, v.shape).astype(v.dtype)
+        for k, v in model.state_dict().items()
+        if k not in model.tied_weights()
+    }
     model.load_state_dict(state)
     return model
 
@@ -84,8 +98,13 @@ def test_cached_step_logits_match_transformers(cache_kind):
     for step in range(gen.shape[1] - prompt):
         start = 0 if step == 0 else prompt + step - 1
         end = prompt + step
-        out = model(gen[:, start:end], attention_mask=full_mask[:, :end], position_ids=positions[:, start:end],
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            gen[:, start:end],
+            attention_mask=full_mask[:, :end],
+            position_ids=positions[:, start:end],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         assert_close(out.logits[:, -1], ref["generate_step_logits"][step], what=f"step {step}")
 
@@ -147,22 +166,29 @@ def test_layer_types_and_rope_per_layer_kind():
 
 def test_gemma_norm_and_embedding_scale():
     x = np.array([[3.0, -4.0]], np.float32)
-    np.testing.assert_allclose(gemma3.gemma_rms_norm(x, np.array([0.0, 1.0], np.float32), 0.0),
-                               [[3 / np.sqrt(12.5), -8 / np.sqrt(12.5)]], rtol=1e-6)
+    np.testing.assert_allclose(
+        gemma3.gemma_rms_norm(x, np.array([0.0, 1.0], np.float32), 0.0),
+        [[3 / np.sqrt(12.5), -8 / np.sqrt(12.5)]],
+        rtol=1e-6,
+    )
     import ml_dtypes
+
     table = np.ones((2, 640), ml_dtypes.bfloat16)
     assert float(gemma3.scaled_embedding(np.array([[0]]), table)[0, 0, 0]) == 25.25  # sqrt(640) in bfloat16
 
 
-@pytest.mark.parametrize("bad, field", [
-    (dict(layer_types=["sliding_attention"]), "layer_types"),
-    (dict(layer_types=["sliding_attention", "local", "full_attention"]), "layer_types"),
-    (dict(sliding_window=0), "sliding_window"),
-    (dict(num_key_value_heads=3), "num_key_value_heads"),
-    (dict(query_pre_attn_scalar=0), "query_pre_attn_scalar"),
-    (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
-    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(layer_types=["sliding_attention"]), "layer_types"),
+        (dict(layer_types=["sliding_attention", "local", "full_attention"]), "layer_types"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(query_pre_attn_scalar=0), "query_pre_attn_scalar"),
+        (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
+        (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    ],
+)
 def test_impossible_configs_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):
         tiny_config(**bad)
@@ -170,8 +196,10 @@ def test_impossible_configs_name_the_field(bad, field):
 
 def test_sliding_layer_rope_scaling_is_refused_not_dropped():
     d = tiny_config().to_dict()
-    d["rope_parameters"] = {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
-                            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    d["rope_parameters"] = {
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+    }
     with pytest.raises(ConfigError, match="sliding_attention"):
         Gemma3TextConfig.from_dict(d)
 
@@ -205,8 +233,9 @@ def decode(model, prompt, steps, cache, attention_mask=None):
         ids = np.concatenate([ids, token], axis=1)
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
         position = minilm.nn.position_ids_from_attention_mask(mask)[:, -1:]
-        out = model(token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(
+            token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True
+        )
         logits.append(out.logits[:, -1])
     return ids, np.stack(logits, axis=1), out.past_key_values
 
@@ -225,7 +254,7 @@ def test_ring_buffer_cache_equals_reference_cache_across_the_wrap(prompt_len):
     # ... and both equal recomputing the whole sequence at every step (no cache at all)
     full_mask = np.concatenate([mask, np.ones((2, 12), np.int64)], axis=1)
     full = model(ids_ref, attention_mask=full_mask, position_ids=minilm.nn.position_ids_from_attention_mask(full_mask))
-    assert_close(logits_ring, full.logits[:, prompt_len - 1:], what="cached vs full recompute")
+    assert_close(logits_ring, full.logits[:, prompt_len - 1 :], what="cached vs full recompute")
     # the sliding layers hold window - 1 positions, the global layer everything
     assert ring_cache.layer(0)[0].shape[2] == 3 and ring_cache.layer(2)[0].shape[2] == prompt_len + 12
     assert ref_cache.layer(0)[0].shape[2] == prompt_len + 12
@@ -264,6 +293,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert saved["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
     assert not set(Gemma3TextConfig.KERAS_ONLY_DEFAULTS) & set(saved)  # config.json stays transformers'
     from minilm.io.safetensors import read_checkpoint
+
     assert set(read_checkpoint(tmp_path / "saved")) == set(read_checkpoint(folder))  # lm_head tied, not saved
 
 
@@ -272,8 +302,10 @@ def test_base_model_and_causal_lm_share_the_backbone():
     base = Gemma3TextModel.from_pretrained(folder)
     lm = minilm.from_pretrained(folder)
     kwargs = dict(attention_mask=ref["attention_mask"], position_ids=ref["position_ids"])
-    np.testing.assert_array_equal(base(ref["input_ids"], **kwargs).last_hidden_state,
-                                  lm.base_model(input_ids=ref["input_ids"], **kwargs).last_hidden_state)
+    np.testing.assert_array_equal(
+        base(ref["input_ids"], **kwargs).last_hidden_state,
+        lm.base_model(input_ids=ref["input_ids"], **kwargs).last_hidden_state,
+    )
 
 
 def test_bfloat16_compute_runs():
@@ -287,10 +319,22 @@ def test_bfloat16_compute_runs():
 # -- keras-hub style --------------------------------------------------------------------------------
 
 
-KERAS_ARGS = dict(vocabulary_size=40, image_size=896, num_layers=7, num_query_heads=4, num_key_value_heads=2,
-                  hidden_dim=24, intermediate_dim=32, head_dim=8, use_post_ffw_norm=True,
-                  use_post_attention_norm=True, final_logit_soft_cap=4.0, use_sliding_window_attention=True,
-                  sliding_window_size=4, global_rope_scaling_factor=8.0)
+KERAS_ARGS = dict(
+    vocabulary_size=40,
+    image_size=896,
+    num_layers=7,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    hidden_dim=24,
+    intermediate_dim=32,
+    head_dim=8,
+    use_post_ffw_norm=True,
+    use_post_attention_norm=True,
+    final_logit_soft_cap=4.0,
+    use_sliding_window_attention=True,
+    sliding_window_size=4,
+    global_rope_scaling_factor=8.0,
+)
 
 
 def test_keras_constructor_maps_onto_hf_names():
@@ -308,9 +352,19 @@ def test_keras_constructor_maps_onto_hf_names():
 def test_keras_backbone_and_hf_model_agree_exactly():
     backbone = Gemma3Backbone(**KERAS_ARGS)
     hf_config = Gemma3TextConfig(
-        vocab_size=40, num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2, hidden_size=24,
-        intermediate_size=32, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, sliding_window_pattern=6,
-        final_logit_softcapping=4.0, rope_scaling={"rope_type": "linear", "factor": 8.0})
+        vocab_size=40,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=24,
+        intermediate_size=32,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=4,
+        sliding_window_pattern=6,
+        final_logit_softcapping=4.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
     lm = perturbed(Gemma3ForCausalLM(hf_config))
     backbone.model.load_state_dict(lm.state_dict())
     ids = np.random.default_rng(0).integers(1, 40, size=(2, 9))
@@ -325,8 +379,13 @@ def test_keras_backbone_and_hf_model_agree_exactly():
 def test_keras_options_transformers_lacks():
     """keras-hub's defaults (no post norms), QK-norm off and an applied attention soft cap build
     and run; the norms they drop are absent from the weights."""
-    args = {**KERAS_ARGS, "use_post_ffw_norm": False, "use_post_attention_norm": False,
-            "use_query_key_norm": False, "attention_logit_soft_cap": 2.0}
+    args = {
+        **KERAS_ARGS,
+        "use_post_ffw_norm": False,
+        "use_post_attention_norm": False,
+        "use_query_key_norm": False,
+        "attention_logit_soft_cap": 2.0,
+    }
     backbone = Gemma3Backbone(**args)
     names = set(backbone.model.state_dict())
     assert not any("post_" in n or "q_norm" in n for n in names)
@@ -377,12 +436,21 @@ def test_keras_refusals():
 # -- GGUF -------------------------------------------------------------------------------------------
 
 
-GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def write_gguf(path, architecture, config=None, state=None):
@@ -408,9 +476,11 @@ def write_gguf(path, architecture, config=None, state=None):
     for name, value in (state or {}).items():
         if name == "lm_head.weight":
             continue
-        gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(name)
+        gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(
+            name
+        )
         if gguf_name is None:
-            layer, rest = name[len("model.layers."):].split(".", 1)
+            layer, rest = name[len("model.layers.") :].split(".", 1)
             gguf_name = f"blk.{layer}.{GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
         writer.add_tensor(gguf_name, value + 1 if name.endswith("norm.weight") else value)
     writer.write_header_to_file()
@@ -422,9 +492,19 @@ def write_gguf(path, architecture, config=None, state=None):
 def test_model_from_gguf_maps_names_and_undoes_the_norm_offset(tmp_path):
     from minilm.io.load import model_from_gguf
 
-    config = Gemma3TextConfig(vocab_size=40, hidden_size=24, intermediate_size=32, num_hidden_layers=7,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-                              sliding_window=4, rope_theta=1e6, max_position_embeddings=64)
+    config = Gemma3TextConfig(
+        vocab_size=40,
+        hidden_size=24,
+        intermediate_size=32,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=4,
+        rope_theta=1e6,
+        max_position_embeddings=64,
+    )
     model = perturbed(Gemma3ForCausalLM(config))
     write_gguf(tmp_path / "tiny.gguf", "gemma3", config, model.state_dict())
     loaded = model_from_gguf(tmp_path / "tiny.gguf", tokenizer=False)
@@ -493,6 +573,6 @@ def test_real_model_greedy_continuations_equal_transformers(real_model, real_ref
     np.testing.assert_array_equal(top5, case["first_step_top5_ids"])
     assert_close(first[top5], np.array(case["first_step_top5_logits"]), what="top-5 logits")
     ids = real_model.generate(prompt, max_new_tokens=case["max_new_tokens"])
-    new = ids[0, prompt.shape[1]:].tolist()
+    new = ids[0, prompt.shape[1] :].tolist()
     assert new == case["new_ids"], (real_model.tokenizer.decode(new), case["new_text"])
     assert real_model.tokenizer.decode(new) == case["new_text"]

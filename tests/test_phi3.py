@@ -8,16 +8,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_close, load_reference
+from parity import check_generation, compare_outputs, forward_kwargs
 
 import minilm
-from conftest import assert_close, load_reference
-from minilm.io.safetensors import read_checkpoint, read_safetensors, write_safetensors
+from minilm import Phi3Backbone
 from minilm.errors import CheckpointError, ConfigError
 from minilm.generation import generate
-from minilm import Phi3Backbone
+from minilm.io.safetensors import read_checkpoint, read_safetensors, write_safetensors
 from minilm.models.phi3 import Phi3Config, Phi3ForCausalLM, Phi3Model
 from minilm.rope import rope_for_positions
-from parity import check_generation, compare_outputs, forward_kwargs
 
 FIXTURES = {
     "phi3_causal_lm": "Phi3ForCausalLM",
@@ -31,7 +31,7 @@ FIXTURES = {
 
 def long_case(ref):
     """The phi3_longrope fixture's second forward case (keys long_*), without the prefix."""
-    return {k[len("long_"):]: v for k, v in ref.items() if k.startswith("long_")}
+    return {k[len("long_") :]: v for k, v in ref.items() if k.startswith("long_")}
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
@@ -90,8 +90,9 @@ def test_generation_across_the_original_length_matches_transformers_step_by_step
     out = generate(recorder, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
     np.testing.assert_array_equal(out, ref["generated_ids"])
     assert recorder.full_reruns == [17]  # once, at step index 7
-    worst = max(assert_close(step, ref["generate_step_logits"][i], what=f"step {i}")
-                for i, step in enumerate(recorder.steps))
+    worst = max(
+        assert_close(step, ref["generate_step_logits"][i], what=f"step {i}") for i, step in enumerate(recorder.steps)
+    )
     print(f"generate_step_logits max|Δ| = {worst:.2e}")
     for r in range(3):  # each row alone: its own crossing step
         single = StepLogits(model)
@@ -108,8 +109,13 @@ def test_a_padded_row_switches_when_the_longest_row_crosses():
     folder, ref, meta = load_reference("phi3_longrope")
     assert meta["generation"]["batch_equals_single_per_row"] == [True, True, False]
     model = minilm.from_pretrained(folder)
-    batch = model.generate(ref["generate_input_ids"], attention_mask=ref["generate_attention_mask"],
-                           max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    batch = model.generate(
+        ref["generate_input_ids"],
+        attention_mask=ref["generate_attention_mask"],
+        max_new_tokens=12,
+        eos_token_id=[],
+        pad_token_id=0,
+    )
     alone = model.generate(ref["single_input_ids_2"], max_new_tokens=12, eos_token_id=[])
     assert (batch[2, -12:] != alone[0, -12:]).any()
 
@@ -118,8 +124,13 @@ def test_rope_regime_per_call():
     cfg = Phi3Config.from_json_file(load_reference("phi3_longrope")[0])
     short = np.array(cfg.rope_scaling["short_factor"], np.float32)
     long_ = np.array(cfg.rope_scaling["long_factor"], np.float32)
-    cases = [(np.arange(16)[None], short), (np.arange(17)[None], long_), (np.array([[16]]), long_),
-             (np.array([[3], [15]]), short), (np.array([[3], [16]]), long_)]  # the batch's max position decides
+    cases = [
+        (np.arange(16)[None], short),
+        (np.arange(17)[None], long_),
+        (np.array([[16]]), long_),
+        (np.array([[3], [15]]), short),
+        (np.array([[3], [16]]), long_),
+    ]  # the batch's max position decides
     for positions, factors in cases:
         cos, _ = rope_for_positions(cfg, positions)
         inv_freq = 10000.0 ** -(np.arange(0, 16, 2) / 16) / factors
@@ -149,7 +160,7 @@ def test_cached_logits_equal_full_recompute_within_one_regime(name):
     cache = minilm.KVCache(model.config.num_hidden_layers)
     steps = [model(seq[:, :5], past_key_values=cache, use_cache=True).logits]
     for t in range(5, seq.shape[1]):
-        steps.append(model(seq[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        steps.append(model(seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     assert_close(np.concatenate(steps, axis=1), full)
 
 
@@ -173,8 +184,9 @@ def test_fused_projections_are_split_at_load_and_fused_on_save(tmp_path):
     for name in original:
         np.testing.assert_array_equal(saved[name], original[name], err_msg=name)
     again = minilm.from_pretrained(tmp_path / "saved")
-    np.testing.assert_array_equal(again(**forward_kwargs(ref, "causal_lm")).logits,
-                                  model(**forward_kwargs(ref, "causal_lm")).logits)
+    np.testing.assert_array_equal(
+        again(**forward_kwargs(ref, "causal_lm")).logits, model(**forward_kwargs(ref, "causal_lm")).logits
+    )
 
 
 def test_longrope_config_round_trips_through_save(tmp_path):
@@ -185,8 +197,9 @@ def test_longrope_config_round_trips_through_save(tmp_path):
     assert saved["rope_scaling"]["rope_type"] == "longrope" and "type" not in saved["rope_scaling"]
     assert saved["original_max_position_embeddings"] == 16
     again = minilm.from_pretrained(tmp_path / "saved")
-    np.testing.assert_array_equal(again(**forward_kwargs(ref, "causal_lm")).logits,
-                                  model(**forward_kwargs(ref, "causal_lm")).logits)
+    np.testing.assert_array_equal(
+        again(**forward_kwargs(ref, "causal_lm")).logits, model(**forward_kwargs(ref, "causal_lm")).logits
+    )
 
 
 def test_tied_embeddings_are_one_array():
@@ -202,8 +215,13 @@ def test_every_rope_scaling_spelling_loads_to_the_same_model():
     hub = json.loads((folder / "config_hub.json").read_text())
     factors = {k: hub["rope_scaling"][k] for k in ("short_factor", "long_factor")}
     expected = None
-    for scaling in ({"type": "su"}, {"type": "longrope"}, {"rope_type": "longrope"}, {"type": "yarn"},
-                    {"rope_type": "longrope", "type": "longrope"}):
+    for scaling in (
+        {"type": "su"},
+        {"type": "longrope"},
+        {"rope_type": "longrope"},
+        {"type": "yarn"},
+        {"rope_type": "longrope", "type": "longrope"},
+    ):
         cfg = Phi3Config.from_dict({**hub, "rope_scaling": {**scaling, **factors}})
         assert cfg.rope_scaling == {"rope_type": "longrope", **factors}
         logits = Phi3ForCausalLM(cfg, params=read_checkpoint(folder))(**forward_kwargs(ref, "causal_lm")).logits
@@ -214,22 +232,37 @@ def test_every_rope_scaling_spelling_loads_to_the_same_model():
     assert Phi3Config.from_dict({**hub, "rope_scaling": {"type": "default"}}).rope_scaling is None
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"hidden_size": 30}, "hidden_size=30 is not divisible by num_attention_heads=4"),
-    ({"num_key_value_heads": 3}, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
-    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
-    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5 must be in (0, 1]"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling type 'linear' is not one Phi-3 supports"),
-    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 3}},
-     "rope_scaling['long_factor'] must be a list of rope_dim // 2 = 4 numbers, got 3"),
-    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 4}}, "needs the key(s) ['long_factor']"),
-    ({"partial_rotary_factor": 0.5, "rope_scaling": {"type": "su", "short_factor": [1.0] * 4,
-                                                     "long_factor": [1.0] * 4}},
-     "rope_scaling['short_factor'] must be a list of rope_dim // 2 = 2 numbers, got 4"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"hidden_size": 30}, "hidden_size=30 is not divisible by num_attention_heads=4"),
+        ({"num_key_value_heads": 3}, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+        ({"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5 must be in (0, 1]"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling type 'linear' is not one Phi-3 supports"),
+        (
+            {"rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 3}},
+            "rope_scaling['long_factor'] must be a list of rope_dim // 2 = 4 numbers, got 3",
+        ),
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 4}}, "needs the key(s) ['long_factor']"),
+        (
+            {
+                "partial_rotary_factor": 0.5,
+                "rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
+            },
+            "rope_scaling['short_factor'] must be a list of rope_dim // 2 = 2 numbers, got 4",
+        ),
+    ],
+)
 def test_bad_config_raises_config_error(changes, message):
-    base = dict(vocab_size=10, hidden_size=32, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2)
+    base = dict(
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(ConfigError) as err:
         Phi3Config.from_dict({**base, **changes})
     assert message in str(err.value)
@@ -259,16 +292,28 @@ def test_backbone_and_hf_model_agree_exactly():
     config = backbone.get_config()
     assert config["rope_scaling_type"] == "su" and config["pretraining_sequence_length"] == 16
     assert config["max_sequence_length"] == 64 and len(config["rope_scaling_long_factor"]) == 8
-    rebuilt = Phi3Backbone(**config, params=hf.state_dict())  # the causal LM's weights; lm_head is the reverse embedding
+    rebuilt = Phi3Backbone(
+        **config, params=hf.state_dict()
+    )  # the causal LM's weights; lm_head is the reverse embedding
     np.testing.assert_array_equal(rebuilt(inputs), expected)
     assert Phi3Backbone.from_config(config).get_config() == config
 
 
 def test_backbone_keras_arguments_map_onto_hf_names(tmp_path):
-    b = Phi3Backbone(vocabulary_size=40, num_layers=2, hidden_dim=16, intermediate_dim=24, num_query_heads=4,
-                     num_key_value_heads=2, max_sequence_length=256, pretraining_sequence_length=64,
-                     rope_max_wavelength=500, rope_scaling_type="su", rope_scaling_short_factor=[1.0, 1.5],
-                     rope_scaling_long_factor=[2.0, 3.0])
+    b = Phi3Backbone(
+        vocabulary_size=40,
+        num_layers=2,
+        hidden_dim=16,
+        intermediate_dim=24,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        max_sequence_length=256,
+        pretraining_sequence_length=64,
+        rope_max_wavelength=500,
+        rope_scaling_type="su",
+        rope_scaling_short_factor=[1.0, 1.5],
+        rope_scaling_long_factor=[2.0, 3.0],
+    )
     c = b.config
     assert (c.vocab_size, c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (40, 2, 16, 24)
     assert (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps, c.rope_theta) == (4, 2, 1e-6, 500)
@@ -279,8 +324,15 @@ def test_backbone_keras_arguments_map_onto_hf_names(tmp_path):
     ids = np.arange(12).reshape(2, 6)
     np.testing.assert_array_equal(again({"token_ids": ids}), b({"token_ids": ids}))
     with pytest.raises(ConfigError, match="rope_scaling_type='yarn'"):
-        Phi3Backbone(vocabulary_size=40, num_layers=1, hidden_dim=16, intermediate_dim=8, num_query_heads=4,
-                     num_key_value_heads=2, rope_scaling_type="yarn")
+        Phi3Backbone(
+            vocabulary_size=40,
+            num_layers=1,
+            hidden_dim=16,
+            intermediate_dim=8,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            rope_scaling_type="yarn",
+        )
     with pytest.raises(ConfigError, match="partial_rotary_factor=0.5"):
         Phi3Backbone.from_preset(load_reference("phi3_partial_rotary")[0]).get_config()
 

@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-
-import minilm
 from conftest import assert_close, load_reference, max_diff, tolerance
 from parity import check_generation, compare_outputs, forward_kwargs
+
+import minilm
 from minilm.models import qwen3_moe
 
 HEADS = {
@@ -70,7 +70,7 @@ def test_router_ties_follow_the_documented_rule():
     for row in np.nonzero(keep & boundary_tie)[0]:
         tied = np.nonzero(minilm.nn.softmax(ref["router_logits_0"][row]) == probs[row, k - 1])[0]
         chosen = set(index[row]) & set(tied)
-        assert chosen == set(sorted(tied)[:len(chosen)]), "ties go to the lower expert index"
+        assert chosen == set(sorted(tied)[: len(chosen)]), "ties go to the lower expert index"
 
 
 def test_breaking_one_weight_breaks_parity():
@@ -94,20 +94,21 @@ def test_cached_decoding_equals_full_recompute():
     # and the cached logits themselves equal the full recompute at every step
     cache = minilm.KVCache(model.config.num_hidden_layers)
     full = model(seq).logits
-    step_logits = [model(seq[:, :prompt.shape[1]], past_key_values=cache, use_cache=True).logits]
+    step_logits = [model(seq[:, : prompt.shape[1]], past_key_values=cache, use_cache=True).logits]
     for t in range(prompt.shape[1], seq.shape[1]):
-        step_logits.append(model(seq[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        step_logits.append(model(seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     assert_close(np.concatenate(step_logits, axis=1), full)
 
 
 def test_left_padded_batch_rows_equal_each_prompt_alone():
     folder, ref, _ = load_reference("qwen3_moe_causal_lm")
     model = minilm.from_pretrained(folder)
-    batch = model.generate(ref["generate_input_ids"], attention_mask=ref["generate_attention_mask"],
-                           max_new_tokens=6, eos_token_id=[])
+    batch = model.generate(
+        ref["generate_input_ids"], attention_mask=ref["generate_attention_mask"], max_new_tokens=6, eos_token_id=[]
+    )
     mask = ref["generate_attention_mask"]
     for r in range(len(batch)):
-        alone = model.generate(ref["generate_input_ids"][r:r + 1, mask[r] == 1], max_new_tokens=6, eos_token_id=[])
+        alone = model.generate(ref["generate_input_ids"][r : r + 1, mask[r] == 1], max_new_tokens=6, eos_token_id=[])
         np.testing.assert_array_equal(batch[r, -6:], alone[0, -6:])
 
 
@@ -122,6 +123,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert saved["architectures"] == ["Qwen3MoeForCausalLM"] and saved["num_experts"] == 8
     # saved in the Hub's one-tensor-per-expert layout, like transformers' save_pretrained
     from minilm.io.safetensors import read_checkpoint
+
     assert set(read_checkpoint(tmp_path / "saved")) == set(read_checkpoint(folder))
 
 
@@ -137,7 +139,9 @@ def test_sharded_save_round_trip(tmp_path):
 def test_bfloat16_checkpoint_and_compute_dtypes():
     folder, ref, _ = load_reference("qwen3_moe_bf16")
     import ml_dtypes
+
     from minilm.io.safetensors import read_checkpoint
+
     assert next(iter(read_checkpoint(folder).values())).dtype == ml_dtypes.bfloat16
     model = minilm.from_pretrained(folder)  # computes in float32 by default
     assert model.params.model.norm.weight.dtype == np.float32
@@ -151,9 +155,12 @@ def test_base_model_loads_head_checkpoints_and_vice_versa():
     folder, ref, _ = load_reference("qwen3_moe_qa")  # saved under `transformer.`
     base = minilm.Qwen3MoeModel.from_pretrained(folder)
     qa = minilm.from_pretrained(folder)
-    h1 = base(ref["input_ids"], attention_mask=ref["attention_mask"], position_ids=ref["position_ids"]).last_hidden_state
-    h2 = qa.base_model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"],
-                       position_ids=ref["position_ids"]).last_hidden_state
+    h1 = base(
+        ref["input_ids"], attention_mask=ref["attention_mask"], position_ids=ref["position_ids"]
+    ).last_hidden_state
+    h2 = qa.base_model(
+        input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], position_ids=ref["position_ids"]
+    ).last_hidden_state
     np.testing.assert_array_equal(h1, h2)
 
 
@@ -167,8 +174,9 @@ def test_backbone_and_hf_model_agree_exactly():
     hidden = backbone({"token_ids": ref["input_ids"], "padding_mask": ref["attention_mask"]})
     expected = hf.base_model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state
     np.testing.assert_array_equal(hidden, expected)
-    np.testing.assert_array_equal(backbone.token_embedding(ref["input_ids"]),
-                                  hf.params.model.embed_tokens.weight[ref["input_ids"]])
+    np.testing.assert_array_equal(
+        backbone.token_embedding(ref["input_ids"]), hf.params.model.embed_tokens.weight[ref["input_ids"]]
+    )
     config = backbone.get_config()
     assert config["num_experts"] == 8 and config["top_k"] == 2 and config["norm_top_k_prob"] is True
     assert config["mlp_only_layers"] == [1] and config["moe_intermediate_dim"] == 12
@@ -186,8 +194,14 @@ def test_backbone_config_round_trip_and_preset(tmp_path):
     inputs = {"token_ids": ref["input_ids"], "padding_mask": ref["attention_mask"]}
     np.testing.assert_array_equal(again(inputs), backbone(inputs))
     logits = backbone.token_embedding(backbone(inputs), reverse=True)  # tied: reverse embedding = LM head
-    np.testing.assert_allclose(logits, minilm.from_pretrained(folder)(**{"input_ids": ref["input_ids"],
-                               "attention_mask": ref["attention_mask"]}).logits, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        logits,
+        minilm.from_pretrained(folder)(
+            **{"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]}
+        ).logits,
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_backbone_from_hf_cache(tmp_path, monkeypatch):
@@ -205,10 +219,23 @@ def test_backbone_from_hf_cache(tmp_path, monkeypatch):
 
 
 def test_keras_constructor_maps_onto_hf_names():
-    b = minilm.Qwen3MoeBackbone(vocabulary_size=40, num_layers=3, num_query_heads=4, num_key_value_heads=2,
-                                hidden_dim=16, intermediate_dim=24, moe_intermediate_dim=8, num_experts=4,
-                                head_dim=8, top_k=2, norm_top_k_prob=True, decoder_sparse_step=2,
-                                mlp_only_layers=[0], sliding_window_size=None, rope_max_wavelength=500)
+    b = minilm.Qwen3MoeBackbone(
+        vocabulary_size=40,
+        num_layers=3,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=24,
+        moe_intermediate_dim=8,
+        num_experts=4,
+        head_dim=8,
+        top_k=2,
+        norm_top_k_prob=True,
+        decoder_sparse_step=2,
+        mlp_only_layers=[0],
+        sliding_window_size=None,
+        rope_max_wavelength=500,
+    )
     c = b.config
     assert (c.vocab_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (40, 3, 4, 2)
     assert (c.hidden_size, c.intermediate_size, c.moe_intermediate_size, c.num_experts) == (16, 24, 8, 4)

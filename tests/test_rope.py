@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FIXTURES
 from minilm import rope
 from minilm.errors import ConfigError
 
@@ -33,11 +33,17 @@ def config_from_entry(entry):
     return SimpleNamespace(**c, rope_theta=theta, partial_rotary_factor=partial, rope_scaling=scaling)
 
 
-def make_config(head_dim=32, rope_theta=10000.0, scaling=None, max_position_embeddings=2048, partial=1.0,
-                **extra):
-    return SimpleNamespace(head_dim=head_dim, hidden_size=4 * head_dim, num_attention_heads=4,
-                           max_position_embeddings=max_position_embeddings, rope_theta=rope_theta,
-                           partial_rotary_factor=partial, rope_scaling=scaling, **extra)
+def make_config(head_dim=32, rope_theta=10000.0, scaling=None, max_position_embeddings=2048, partial=1.0, **extra):
+    return SimpleNamespace(
+        head_dim=head_dim,
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        partial_rotary_factor=partial,
+        rope_scaling=scaling,
+        **extra,
+    )
 
 
 # -- against transformers ----------------------------------------------------------------------
@@ -61,8 +67,12 @@ def test_every_registered_type_is_in_the_reference():
 
 def test_longrope_switches_factor_sets_after_the_original_length():
     short, long_ = [1.0, 1.5, 2.0, 4.0], [1.0, 3.0, 9.0, 27.0]
-    cfg = make_config(head_dim=8, max_position_embeddings=64, original_max_position_embeddings=16,
-                      scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long_})
+    cfg = make_config(
+        head_dim=8,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long_},
+    )
     default, _ = rope.compute_inv_freq(make_config(head_dim=8))
     for seq_len, factors in [(None, short), (1, short), (16, short), (17, long_), (64, long_), (1000, long_)]:
         inv_freq, scaling = rope.compute_inv_freq(cfg, seq_len=seq_len)
@@ -72,8 +82,12 @@ def test_longrope_switches_factor_sets_after_the_original_length():
 
 def test_original_max_position_embeddings_precedence():
     """A config field (Phi-3) wins over the rope_scaling key, which wins over max_position_embeddings."""
-    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
-               "original_max_position_embeddings": 8}
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 4,
+        "long_factor": [2.0] * 4,
+        "original_max_position_embeddings": 8,
+    }
     assert rope.original_max_positions(make_config(head_dim=8, original_max_position_embeddings=16), scaling) == 16
     assert rope.original_max_positions(make_config(head_dim=8), scaling) == 8
     assert rope.original_max_positions(make_config(head_dim=8, max_position_embeddings=99), {}) == 99
@@ -106,11 +120,20 @@ def variant_scalings(dim, factor):
         "default": None,
         "linear": {"rope_type": "linear", "factor": factor},
         "dynamic": {"rope_type": "dynamic", "factor": factor},
-        "llama3": {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 512},
+        "llama3": {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 512,
+        },
         "yarn": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 512},
-        "longrope": {"rope_type": "longrope", "short_factor": [factor] * (dim // 2),
-                     "long_factor": [factor] * (dim // 2), "original_max_position_embeddings": 2048},
+        "longrope": {
+            "rope_type": "longrope",
+            "short_factor": [factor] * (dim // 2),
+            "long_factor": [factor] * (dim // 2),
+            "original_max_position_embeddings": 2048,
+        },
     }
 
 
@@ -129,13 +152,21 @@ def test_rotation_preserves_norms_up_to_the_attention_scaling(dim, base, factor,
     for kind, scaling in variant_scalings(dim, factor).items():
         inv_freq, s = rope.compute_inv_freq(make_config(dim, base, scaling), seq_len=4096)
         rotated = rotate(x, positions, inv_freq, s)
-        np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1), s * np.linalg.norm(x, axis=-1), rtol=1e-5,
-                                   err_msg=kind)
+        np.testing.assert_allclose(
+            np.linalg.norm(rotated, axis=-1), s * np.linalg.norm(x, axis=-1), rtol=1e-5, err_msg=kind
+        )
 
 
 @settings(max_examples=40, deadline=None)
-@given(dim=head_dims, base=bases, factor=factors, m=st.integers(0, 300), n=st.integers(0, 300),
-       shift=st.integers(0, 200), seed=st.integers(0, 2**31 - 1))
+@given(
+    dim=head_dims,
+    base=bases,
+    factor=factors,
+    m=st.integers(0, 300),
+    n=st.integers(0, 300),
+    shift=st.integers(0, 200),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_scores_depend_only_on_the_relative_position(dim, base, factor, m, n, shift, seed):
     """q(m) . k(n) == q(m + t) . k(n + t), for every rope type at a fixed sequence length."""
     rng = np.random.default_rng(seed)
@@ -170,20 +201,27 @@ def test_dynamic_grows_the_base_past_max_position_embeddings():
 # -- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "ntk-by-parts", "factor": 2.0}, "unknown rope type 'ntk-by-parts'"),
-    ({"rope_type": "linear"}, "needs the key(s) ['factor']"),
-    ({"rope_type": "dynamic"}, "needs the key(s) ['factor']"),
-    ({"rope_type": "linear", "factor": 0}, "must be a positive number"),
-    ({"rope_type": "linear", "factor": "2"}, "must be a positive number"),
-    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "needs the key(s) ['high_freq_factor']"),
-    ({"rope_type": "yarn"}, "needs the key(s) ['factor']"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 16}, "needs the key(s) ['long_factor']"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 15, "long_factor": [1.0] * 16},
-     "rope_scaling['short_factor'] must be a list of rope_dim // 2 = 16 numbers, got 15"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": 2.0},
-     "rope_scaling['long_factor'] must be a list of rope_dim // 2 = 16 numbers, got float"),
-])
+@pytest.mark.parametrize(
+    "scaling, message",
+    [
+        ({"rope_type": "ntk-by-parts", "factor": 2.0}, "unknown rope type 'ntk-by-parts'"),
+        ({"rope_type": "linear"}, "needs the key(s) ['factor']"),
+        ({"rope_type": "dynamic"}, "needs the key(s) ['factor']"),
+        ({"rope_type": "linear", "factor": 0}, "must be a positive number"),
+        ({"rope_type": "linear", "factor": "2"}, "must be a positive number"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "needs the key(s) ['high_freq_factor']"),
+        ({"rope_type": "yarn"}, "needs the key(s) ['factor']"),
+        ({"rope_type": "longrope", "short_factor": [1.0] * 16}, "needs the key(s) ['long_factor']"),
+        (
+            {"rope_type": "longrope", "short_factor": [1.0] * 15, "long_factor": [1.0] * 16},
+            "rope_scaling['short_factor'] must be a list of rope_dim // 2 = 16 numbers, got 15",
+        ),
+        (
+            {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": 2.0},
+            "rope_scaling['long_factor'] must be a list of rope_dim // 2 = 16 numbers, got float",
+        ),
+    ],
+)
 def test_bad_rope_scaling_raises_config_error(scaling, message):
     cfg = make_config(32, scaling=scaling)
     with pytest.raises(ConfigError) as err:

