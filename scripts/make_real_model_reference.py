@@ -293,10 +293,7 @@ def main() -> None:
                 CHAT_MESSAGES, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
             ),
         },
-        "weights": {
-            "minilm_check": compare_with_minilm(model, args.gguf),
-            "checksums": tensor_checksums(model),
-        },
+        "weights": {"minilm_check": compare_with_minilm(model, args.gguf), "checksums": tensor_checksums(model)},
         "generation": {
             "settings": "float32, attn_implementation='eager', do_sample=False, num_beams=1",
             "cases": generation_records(model, tokenizer),

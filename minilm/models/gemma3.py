@@ -232,15 +232,8 @@ def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     if inputs.cache is not None:
         k, v = inputs.cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
     mask = inputs.mask(cfg.layer_window(layer_idx), k.shape[2])  # (batch or 1, 1, seq, kv_seq): the keys returned
-    out, weights = ops.attention(
-        q,
-        k,
-        v,
-        mask,
-        scale=cfg.query_pre_attn_scalar**-0.5,
-        soft_cap=cfg.attention_soft_cap,
-        return_weights=output_attentions,
-    )
+    scale, cap = cfg.query_pre_attn_scalar**-0.5, cfg.attention_soft_cap
+    out, weights = ops.attention(q, k, v, mask, scale=scale, soft_cap=cap, return_weights=output_attentions)
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
 
 
@@ -263,16 +256,8 @@ def mlp(x, p, cfg):
 def decoder_layer(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     """Sandwich norms: h = x + norm(attn(norm(x))), then h + norm(mlp(norm(h)))."""
     eps = cfg.rms_norm_eps
-    attn_out, weights = attention(
-        gemma_rms_norm(x, p.input_layernorm.weight, eps),
-        p.self_attn,
-        cfg,
-        layer_idx,
-        cos,
-        sin,
-        inputs,
-        output_attentions,
-    )
+    normed = gemma_rms_norm(x, p.input_layernorm.weight, eps)  # (batch, seq, hidden_size)
+    attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, inputs, output_attentions)
     if cfg.use_post_attention_norm:
         attn_out = gemma_rms_norm(attn_out, p.post_attention_layernorm.weight, eps)
     h = x + attn_out

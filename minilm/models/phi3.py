@@ -168,17 +168,8 @@ def mlp(x, p, cfg):
 
 def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     """Pre-norm residual block: h = x + attn(norm(x)), then h + mlp(norm(h))."""
-    attn_out, weights = attention(
-        nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps),
-        p.self_attn,
-        cfg,
-        layer_idx,
-        cos,
-        sin,
-        mask,
-        cache,
-        output_attentions,
-    )
+    normed = nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, mask, cache, output_attentions)
     h = x + attn_out
     return h + mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg), weights
 

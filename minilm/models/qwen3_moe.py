@@ -183,17 +183,8 @@ def sparse_moe_block(x, p, cfg):
 
 def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
-    attn_out, weights = attention(
-        nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps),
-        p.self_attn,
-        cfg,
-        layer_idx,
-        cos,
-        sin,
-        mask,
-        cache,
-        output_attentions,
-    )
+    normed = nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, mask, cache, output_attentions)
     h = x + attn_out
     normed = nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps)
     if cfg.is_sparse_layer(layer_idx):
