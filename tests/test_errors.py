@@ -318,3 +318,57 @@ def test_overflowing_logits_are_an_error_not_an_empty_answer(model):
 def test_a_weights_file_instead_of_its_folder(saved):
     with pytest.raises(minilm.CheckpointNotFoundError, match="pass the folder that holds config.json"):
         minilm.from_pretrained(saved / "model.safetensors")
+
+
+# -- hostile safetensors: whatever the bytes, a CheckpointError, never a crash --------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from minilm.io.safetensors import read_checkpoint  # noqa: E402
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def safetensors_bytes(header):
+    blob = json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob + bytes(64)
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_safetensors_give_checkpoint_errors(tmp_path, data):
+    """A header entry with any JSON in any field, truncations, bit flips, huge declared lengths."""
+    good = {"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}, "__metadata__": {"format": "pt"}}
+    kind = data.draw(st.sampled_from(["field", "entry", "header", "bytes"]))
+    if kind == "field":
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        raw = safetensors_bytes({**good, "w": {**good["w"], field: data.draw(JSON_VALUES)}})
+    elif kind == "entry":
+        raw = safetensors_bytes({**good, "w": data.draw(JSON_VALUES)})
+    elif kind == "header":
+        raw = safetensors_bytes(data.draw(JSON_VALUES))
+    else:
+        raw = bytearray(safetensors_bytes(good))
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        raw = bytes(raw[: data.draw(st.integers(0, len(raw)))])
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(raw)
+    try:
+        tensors = read_checkpoint(tmp_path)
+    except minilm.CheckpointError as error:
+        assert "model.safetensors" in str(error) or "header" in str(error)
+        return
+    for array in tensors.values():  # what loads must be readable to its last byte
+        np.asarray(array).sum()
+
+
+def test_a_shard_index_never_leads_outside_the_folder(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../secret.safetensors"}}))
+    with pytest.raises(minilm.CheckpointError, match="outside the folder"):
+        read_checkpoint(tmp_path)

@@ -12,6 +12,7 @@ an error naming the file and the tensor when something is truncated or corrupt.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def read_safetensors(path):
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is corrupt: unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its header is not a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     if not header:
@@ -62,12 +65,8 @@ def read_safetensors(path):
     buffer = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        dtype, shape, begin, end = _tensor_entry(path, name, info)
+        expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected or data_start + end > size:
             raise CheckpointError(
                 f"{path}: tensor {name!r} is corrupt or truncated "
@@ -76,6 +75,26 @@ def read_safetensors(path):
             )
         tensors[name] = buffer[data_start + begin : data_start + end].view(dtype).reshape(shape)
     return tensors
+
+
+def _tensor_entry(path, name, info):
+    """(dtype, shape, begin, end) of one header entry, every field checked before it is used."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: the header entry of tensor {name!r} is not an object")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(n) is int for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -116,8 +135,13 @@ def read_checkpoint(folder):
     if (folder / SHARD_INDEX).is_file():
         try:
             weight_map = json.loads((folder / SHARD_INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{folder / SHARD_INDEX} is not a valid shard index ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder / SHARD_INDEX} is not a valid shard index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{folder / SHARD_INDEX}: weight_map must map tensor names to shard file names")
+        outside = [v for v in set(weight_map.values()) if Path(v).name != v]
+        if outside:  # a shard is a file of this folder: never a path that leads elsewhere
+            raise CheckpointError(f"{folder / SHARD_INDEX} names shards outside the folder: {sorted(outside)[:3]}")
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(read_safetensors(folder / shard))
