@@ -8,6 +8,7 @@ yet, so multi-byte characters (emoji, CJK) are never split.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import numpy as np
 from . import ops
 from .errors import InputError
 from .generation import generate_tokens
+from .io.chat_templates import chat_template_for
 from .io.default_model import default_model_path
-from .io.load import from_pretrained
+from .io.load import from_pretrained, resolve_handle
 from .io.tokenizer import Tokenizer
 
 _LOADED = {}  # (model path, dtype, backend) -> (model, tokenizer), so repeated calls load once
@@ -26,6 +28,13 @@ def _generate_backend():
     """The backend `generate` runs on: the one the program chose (`minilm.set_backend`,
     `ops.use_backend`, $MINILM_BACKEND), else `ops.FAST_CPU_BACKEND`."""
     return ops.get_backend() if ops.backend_is_chosen() else ops.FAST_CPU_BACKEND
+
+
+def resolve_model(model):
+    """None (the default model) or the local path a model argument names: a path, or `hf://owner/name`
+    looked up in the local Hugging Face cache. `Path("hf://a/b")` would collapse the `//`, so every
+    entry point resolves the handle with this before making a Path of it."""
+    return None if model is None else resolve_handle(model)
 
 
 def load(model=None, dtype="float32", backend=None):
@@ -46,29 +55,41 @@ def load(model=None, dtype="float32", backend=None):
 
 def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sample=None, temperature=None,
              top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None, stop=None,
-             stream=False, add_bos=True, dtype="float32", stats=None):
+             stream=False, add_bos=True, dtype="float32", stats=None, chat_template=None):
     """Continue `prompt` (a string, or a list of strings for a batch) with a language model.
 
-    model: path of a .gguf file or Hugging Face folder; None = the shipped Gemma 3 270M.
+    model: path of a .gguf file or Hugging Face folder, or `hf://owner/name` from the local Hugging
+      Face cache; None = the shipped Gemma 3 270M.
     messages: chat messages [{"role": "user", "content": ...}] rendered with the model's chat
-      template (a list of such lists for a batch), instead of `prompt`.
+      template (a list of such lists for a batch), instead of `prompt`. A Gemma checkpoint that
+      stores no template gets the built-in Gemma turn format (a warning says so, once);
+      chat_template= overrides both.
     Sampling: greedy unless do_sample=True or a temperature > 0 / top_k / top_p / min_p is given.
+      temperature=0 means greedy (top_k / top_p / min_p are then unused); do_sample=True with
+      temperature=0 is refused (InputError), since there is no distribution to sample from.
     stop: a string or list of strings; generation ends at the first one (it is not returned).
     stream=True returns an iterator of text pieces (single prompt only).
     stats: a dict to fill with backend, prompt_tokens, new_tokens, prefill_s, decode_tokens_per_s.
     Returns the generated text (a list of texts for a batch), without the prompt.
     Runs on the backend the program chose, else on `ops.FAST_CPU_BACKEND` (compiled CPU kernels).
     """
+    stops = _stop_strings(stop)
+    if temperature is not None and not isinstance(temperature, bool) and temperature == 0:
+        if do_sample:
+            raise InputError(
+                "do_sample=True with temperature=0: there is nothing to sample at temperature 0; for greedy "
+                "decoding pass do_sample=False (or leave it out), to sample pass a temperature > 0"
+            )
+        do_sample = False  # temperature 0 means greedy
     backend = _generate_backend()
-    loaded, tokenizer = load(model, dtype, backend)
-    texts, batched = _prompts(prompt, messages, tokenizer)
+    loaded, tokenizer = load(resolve_model(model), dtype, backend)
+    texts, batched = _prompts(prompt, messages, tokenizer, chat_template)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
     if do_sample is None:
         do_sample = bool((temperature or 0) > 0 or top_k or top_p is not None or min_p is not None)
-    if temperature is None or temperature == 0:
-        temperature = 1.0
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if temperature is None or (not isinstance(temperature, bool) and temperature == 0):
+        temperature = 1.0  # unused: greedy
     ids, mask = _left_pad([tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts],
                           tokenizer.pad_token_id or 0)
     eos = _eos_ids(loaded, tokenizer)
@@ -91,13 +112,32 @@ def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sa
     return results if batched else results[0]
 
 
-def _prompts(prompt, messages, tokenizer):
+def _stop_strings(stop):
+    """`stop` as a list of strings; InputError for anything else (a number, a list with a non-string)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+_TEMPLATE_WARNED = set()  # the built-in templates a warning has named already (once per process)
+
+
+def _prompts(prompt, messages, tokenizer, chat_template=None):
     if (prompt is None) == (messages is None):
         raise InputError("pass a prompt or chat messages (exactly one)")
     if messages is not None:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        return [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in conversations], \
-            messages and isinstance(messages[0], list)
+        template, source = chat_template_for(tokenizer, chat_template)
+        if source.startswith("built-in") and source not in _TEMPLATE_WARNED:
+            _TEMPLATE_WARNED.add(source)
+            message = f"the checkpoint stores no chat template: using the {source} one (chat_template=... to change)"
+            warnings.warn(message, stacklevel=3)
+        rendered = [tokenizer.apply_chat_template(m, chat_template=template) for m in conversations]
+        return rendered, bool(messages and isinstance(messages[0], list))
     if isinstance(prompt, str):
         return [prompt], False
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):

