@@ -54,19 +54,29 @@ class PretrainedConfig:
     @classmethod
     def from_dict(cls, config_dict):
         """Build from a config.json dict: known keys kept, defaults filled, unknown kept in `extra`."""
-        d = _normalise_rope_spelling(dict(config_dict))
-        d = cls._rename_legacy_keys(d)
-        if "dtype" in d and "torch_dtype" not in d:
-            d["torch_dtype"] = d.pop("dtype")
-        if "id2label" in d and d["id2label"] is not None:
-            d.pop("num_labels", None)
-        known = cls.field_names()
-        kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known and k not in ("model_type", "label2id")}
+        if not isinstance(config_dict, dict):
+            raise ConfigError(f"{cls.__name__}: config.json must hold a JSON object, got {type(config_dict).__name__}")
+        for name in ("rope_parameters", "rope_scaling", "id2label"):
+            if config_dict.get(name) is not None and not isinstance(config_dict[name], dict):
+                raise ConfigError(f"{cls.__name__}.{name} must be an object or null, got {config_dict[name]!r}")
         try:
+            d = _normalise_rope_spelling(dict(config_dict))
+            d = cls._rename_legacy_keys(d)
+            if "dtype" in d and "torch_dtype" not in d:
+                d["torch_dtype"] = d.pop("dtype")
+            if "id2label" in d and d["id2label"] is not None:
+                d.pop("num_labels", None)
+            known = cls.field_names()
+            kwargs = {k: v for k, v in d.items() if k in known}
+            _check_types(cls, kwargs)
+            extra = {k: v for k, v in d.items() if k not in known and k not in ("model_type", "label2id")}
             config = cls(**kwargs)
-        except TypeError as e:  # a wrong type that the dataclass itself rejects
-            raise ConfigError(f"{cls.__name__}: {e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            # a value of a shape nothing above expected (a list where a number goes, deep inside
+            # rope_scaling, ...): still an error about the config, never a traceback
+            raise ConfigError(f"{cls.__name__}: config.json does not describe a valid config ({error!r})") from None
         config.extra = extra
         config.defaulted = sorted(known - kwargs.keys())  # fields config.json left out: defaults used
         return config
@@ -108,6 +118,25 @@ class PretrainedConfig:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+# A field's annotation (a string under `from __future__ import annotations`) -> the JSON values it takes.
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
+               "list": (list,), "None": (type(None),)}  # fmt: skip
+
+
+def _check_types(cls, values):
+    """ConfigError naming the field when a config.json value has the wrong JSON type (a string
+    for a size, a list for a flag): caught here, not as a TypeError deep in the first matmul."""
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        allowed = tuple(t for part in str(annotations[name]).split("|") for t in _JSON_TYPES.get(part.strip(), ()))
+        if not allowed:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in allowed  # JSON true is not a size
+        if wrong_bool or not isinstance(value, allowed):
+            expected = str(annotations[name]).replace("|", "or")
+            raise ConfigError(f"{cls.__name__}.{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def read_config_json(path):

@@ -372,3 +372,28 @@ def test_a_shard_index_never_leads_outside_the_folder(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../secret.safetensors"}}))
     with pytest.raises(minilm.CheckpointError, match="outside the folder"):
         read_checkpoint(tmp_path)
+
+
+FAMILY_FIXTURES = ["qwen3_moe_causal_lm", "bloom_causal_lm", "phi3_longrope", "gemma3_causal_lm"]
+
+
+@settings(max_examples=200, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_config_json_gives_minilm_errors(tmp_path_factory, data):
+    """One field of a real config.json set to any JSON value: the model loads and runs, or a
+    MinilmError says why; never a raw traceback."""
+    from conftest import fixture_path
+
+    source = fixture_path(data.draw(st.sampled_from(FAMILY_FIXTURES)))
+    config = json.loads((source / "config.json").read_text())
+    field = data.draw(st.sampled_from(sorted(config)))
+    config[field] = data.draw(JSON_VALUES)
+    folder = tmp_path_factory.mktemp("cfg")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    try:
+        model = minilm.from_pretrained(folder)
+        out = model(np.array([[1, 2, 3, 4]]))
+    except minilm.MinilmError:
+        return
+    assert np.isfinite(out.logits).all(), f"{field}={config[field]!r} gave non-finite logits"

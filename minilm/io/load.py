@@ -36,10 +36,14 @@ def architecture_class(name):
 def class_for_config(config_dict):
     """Pick the model class for a config.json dict (architectures first, then model_type)."""
     architectures = config_dict.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise UnknownArchitectureError(
+            f"config.json `architectures` must be a list of class names, got {architectures!r}"
+        )
     if architectures:
         return architecture_class(architectures[0])
     model_type = config_dict.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise UnknownArchitectureError(
             f"config.json has no `architectures` and model_type {model_type!r} is not one minilm implements "
             f"({', '.join(sorted(FAMILIES))})"
