@@ -14,6 +14,10 @@ from pathlib import Path
 
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
+# More layers than any model has: a config asking for more is corrupt, and refusing it up front
+# keeps every per-layer loop (shapes, caches, layer types) bounded.
+MAX_LAYERS = 10_000
+
 
 @dataclasses.dataclass
 class PretrainedConfig:
@@ -41,6 +45,7 @@ class PretrainedConfig:
 
     def validate(self):
         """Raise ConfigError naming the field when a value is impossible. Families extend this."""
+        check_layer_count(self)
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
             raise ConfigError(
                 f"problem_type={self.problem_type!r} is not one of regression, "
@@ -179,6 +184,13 @@ def _normalise_rope_spelling(d):
     if "partial_rotary_factor" in params:
         d.setdefault("partial_rotary_factor", params["partial_rotary_factor"])
     return d
+
+
+def check_layer_count(config):
+    """ConfigError for more layers than MAX_LAYERS, before anything loops over them."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if type(layers) is int and layers > MAX_LAYERS:
+        raise ConfigError(f"{type(config).__name__}.num_hidden_layers={layers} is not a model (at most {MAX_LAYERS})")
 
 
 def check_positive(config, *names):

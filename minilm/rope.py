@@ -213,7 +213,7 @@ def rope_type(scaling):
     if not scaling:
         return "default"
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return {"su": "longrope"}.get(kind, kind)
+    return {"su": "longrope"}.get(kind, kind) if isinstance(kind, str) else repr(kind)
 
 
 def compute_inv_freq(config, seq_len=None, base=None, scaling=None):

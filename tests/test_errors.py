@@ -397,3 +397,15 @@ def test_fuzzed_config_json_gives_minilm_errors(tmp_path_factory, data):
     except minilm.MinilmError:
         return
     assert np.isfinite(out.logits).all(), f"{field}={config[field]!r} gave non-finite logits"
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    from minilm import modeling
+
+    monkeypatch.setattr(modeling, "available_memory", lambda: 2**30)
+    with pytest.raises(minilm.ConfigError, match=r"needs [0-9.]+ GiB .* 1\.0 GiB available"):
+        minilm.Qwen3MoeModel(
+            minilm.Qwen3MoeConfig(num_hidden_layers=1, num_experts=64)
+        )  # ~1.2e9 weights with the random init
+    monkeypatch.setenv("MINILM_SKIP_MEMORY_CHECK", "1")
+    modeling.check_memory(2**40, "anything")  # the override

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import nn, ops
 from ..cache import SlidingWindowCache
-from ..config import PretrainedConfig, check_positive
+from ..config import PretrainedConfig, check_layer_count, check_positive
 from ..errors import ConfigError
 from ..heads import ForCausalLM
 from ..modeling import BaseModel, prepare_inputs
@@ -95,6 +95,7 @@ class Gemma3TextConfig(PretrainedConfig):
     }
 
     def __post_init__(self):
+        check_layer_count(self)  # before the per-layer list below
         if self.layer_types is None:  # transformers: layer i is global when (i + 1) % pattern == 0
             pattern = self.sliding_window_pattern
             if not isinstance(pattern, int) or pattern < 1:
@@ -146,8 +147,9 @@ class Gemma3TextConfig(PretrainedConfig):
     def from_dict(cls, config_dict):
         # transformers 5 may give the sliding layers their own rope scaling; minilm keeps their
         # RoPE plain (rope_local_base_freq, as every released Gemma 3) and says so rather than drop it.
-        sliding = (config_dict.get("rope_parameters") or {}).get(SLIDING) or {}
-        if rope_type(sliding) != "default":
+        params = config_dict.get("rope_parameters") if isinstance(config_dict, dict) else None
+        sliding = params.get(SLIDING) if isinstance(params, dict) else None
+        if isinstance(sliding, dict) and rope_type(sliding) != "default":
             raise ConfigError(
                 f"rope_parameters[{SLIDING!r}] has rope_type {rope_type(sliding)!r}; minilm's "
                 "Gemma 3 supports rope scaling on the full-attention layers only"
