@@ -211,7 +211,7 @@ def main():
         fn = workers[w.pop("engine")]
         print(json.dumps(fn(**w)))
         return
-    from minilm.default_model import default_model_path
+    from minilm.io.default_model import default_model_path
 
     path = str(a.model or default_model_path())
     env = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", NUMBA_NUM_THREADS="2", MKL_NUM_THREADS="2")

@@ -53,9 +53,26 @@ def load(model=None, dtype="float32", backend=None):
     return _LOADED[key]
 
 
-def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sample=None, temperature=None,
-             top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None, stop=None,
-             stream=False, add_bos=True, dtype="float32", stats=None, chat_template=None):
+def generate(
+    prompt=None,
+    *,
+    messages=None,
+    model=None,
+    max_new_tokens=64,
+    do_sample=None,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=None,
+    seed=None,
+    stop=None,
+    stream=False,
+    add_bos=True,
+    dtype="float32",
+    stats=None,
+    chat_template=None,
+):
     """Continue `prompt` (a string, or a list of strings for a batch) with a language model.
 
     model: path of a .gguf file or Hugging Face folder, or `hf://owner/name` from the local Hugging
@@ -90,12 +107,24 @@ def generate(prompt=None, *, messages=None, model=None, max_new_tokens=64, do_sa
         do_sample = bool((temperature or 0) > 0 or top_k or top_p is not None or min_p is not None)
     if temperature is None or (not isinstance(temperature, bool) and temperature == 0):
         temperature = 1.0  # unused: greedy
-    ids, mask = _left_pad([tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts],
-                          tokenizer.pad_token_id or 0)
+    ids, mask = _left_pad(
+        [tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts], tokenizer.pad_token_id or 0
+    )
     eos = _eos_ids(loaded, tokenizer)
-    tokens = generate_tokens(loaded, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                             repetition_penalty=repetition_penalty, eos_token_id=eos, seed=seed)
+    tokens = generate_tokens(
+        loaded,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos,
+        seed=seed,
+    )
     tokens = _on_backend(tokens, backend)
     if stats is not None:
         stats["backend"] = backend
@@ -154,8 +183,8 @@ def _left_pad(rows, pad_id):
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
     if (mask.sum(1) == 0).any():
         raise InputError("a prompt in the batch is empty")
     return ids, mask

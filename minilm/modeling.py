@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -127,12 +128,26 @@ class PreTrainedModel:
         if isinstance(config, dict):
             config = self.config_class.from_dict(config)
         if self.config_class is not None and not isinstance(config, self.config_class):
-            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
         self.dtype = _as_dtype(dtype)
+        bad = {name: shape for name, shape in self.parameter_shapes().items() if min(shape, default=1) < 1}
+        if bad:  # a size in the config that is zero or negative (one the family's validate() does not name)
+            name, shape = next(iter(bad.items()))
+            raise ConfigError(f"the config gives tensor {name!r} the shape {shape}: a size in it is not positive")
+        check_memory(self.weight_bytes(random_init=params is None), f"{type(self).__name__} in {self.dtype.name}")
         if params is None:
             params = self.init_params(seed)
         self.load_state_dict(params)
+
+    def weight_bytes(self, random_init=False):
+        """Bytes the weights take in the model's dtype (a random init also holds a float32 copy).
+        An upper bound for a GGUF model whose backend keeps the weights quantized."""
+        tied = self.tied_weights()
+        values = sum(math.prod(shape) for name, shape in self.parameter_shapes().items() if name not in tied)
+        return values * (self.dtype.itemsize + (4 if random_init else 0))
 
     # -- what the family provides ---------------------------------------------------------
 
@@ -194,7 +209,11 @@ class PreTrainedModel:
         reads them. The checkpoint's arrays are never kept (a read-only memory map, the caller's
         arrays), and a decode step streams through one region of memory, which NumPy backs with
         huge pages where the system allows (faster than one array per tensor, because decode is
-        bound by memory traffic). Each weight is a view of the buffer."""
+        bound by memory traffic). Each weight is a view of the buffer.
+
+        A GGUF matrix the active backend computes with as blocks (`ops.reads_quantized`, e.g.
+        Q4_K on numba) is not copied at all: it stays a `QuantizedWeight` over the memory-mapped
+        file and takes no room in the buffer. On the NumPy reference every weight is float32."""
         tensors = self._align_prefix({k: v for k, v in tensors.items() if not k.endswith(self.ignored_checkpoint_keys)})
         tensors = self.to_model_layout(tensors, self.config)
         expected = self.parameter_shapes()
@@ -209,13 +228,17 @@ class PreTrainedModel:
             raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {_first(missing)}{hint}")
         if unexpected:
             raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_first(unexpected)}{hint}")
-        converted = {}
+        converted = self._kept_quantized(tensors, expected, tied)  # GGUF matrices the backend reads as blocks
         align = max(64 // self.dtype.itemsize, 1)  # every weight starts on a 64-byte cache line
-        padded = {name: -(-math.prod(shape) // align) * align for name, shape in expected.items() if name not in tied}
+        padded = {
+            name: -(-math.prod(shape) // align) * align
+            for name, shape in expected.items()
+            if name not in tied and name not in converted
+        }
         storage = np.empty(sum(padded.values()), dtype=self.dtype)  # all the weights, in order
         offset = 0
         for name, shape in expected.items():
-            if name in tied:
+            if name in tied or name in converted:
                 continue
             if tuple(tensors[name].shape) != tuple(shape):
                 raise CheckpointError(
@@ -234,6 +257,23 @@ class PreTrainedModel:
         for name, source in tied.items():
             converted[name] = converted[source]  # one array, two names
         self.params = nest(converted)
+
+    def _kept_quantized(self, tensors, expected, tied):
+        """{name: QuantizedWeight} for the GGUF matrices that stay in their blocks: those the active
+        backend computes with (`ops.reads_quantized`) in a float32 model. They take no room in the
+        float32 buffer; every other tensor is dequantized into it, as before."""
+        kept = {}
+        for name, shape in expected.items():
+            quantized = getattr(tensors.get(name), "quantized", None)  # a GGUFTensor's blocks
+            weight = quantized() if quantized is not None and name not in tied else None
+            if (
+                weight is not None
+                and self.dtype == np.float32
+                and tuple(weight.shape) == tuple(shape)
+                and ops.reads_quantized(weight)
+            ):
+                kept[name] = ops.prepare_weight(weight)
+        return kept
 
     def _align_prefix(self, tensors):
         """Accept a backbone saved on its own, or under another head's prefix (`model.` /
@@ -288,7 +328,7 @@ class PreTrainedModel:
         folder = Path(folder)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(folder)
-        tensors = {k: v for k, v in self.state_dict().items() if k not in self.tied_weights()}
+        tensors = {k: np.asarray(v) for k, v in self.state_dict().items() if k not in self.tied_weights()}
         write_checkpoint(folder, self.to_checkpoint_layout(tensors, self.config), max_shard_bytes=max_shard_bytes)
 
     # -- calling --------------------------------------------------------------------------
@@ -298,6 +338,35 @@ class PreTrainedModel:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.num_parameters():,} parameters, dtype={self.dtype.name})"
+
+
+def available_memory():
+    """Bytes this process can still allocate: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every OS offers these
+        return None
+
+
+def check_memory(needed, what):
+    """ConfigError before allocating weights that cannot fit in memory, with both numbers.
+    MINILM_SKIP_MEMORY_CHECK=1 skips the check (swap, memory that frees up later, ...)."""
+    if os.environ.get("MINILM_SKIP_MEMORY_CHECK") == "1":
+        return
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"{what} needs {needed / 2**30:,.1f} GiB for its weights but this machine has "
+            f"{available / 2**30:,.1f} GiB available (a smaller dtype such as bfloat16 halves it; "
+            "MINILM_SKIP_MEMORY_CHECK=1 tries anyway)"
+        )
 
 
 def _first(names, n=5):
@@ -350,7 +419,8 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask, positio
         inputs_embeds = np.asarray(inputs_embeds)
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
             raise InputError(
-                f"inputs_embeds must have shape (batch, seq, hidden_size={config.hidden_size}); got {inputs_embeds.shape}"
+                f"inputs_embeds must have shape (batch, seq, hidden_size={config.hidden_size}); "
+                f"got {inputs_embeds.shape}"
             )
         batch, seq = inputs_embeds.shape[:2]
     if seq == 0:
@@ -367,12 +437,23 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask, positio
     if position_ids is not None:
         position_ids = np.asarray(position_ids)
         if position_ids.ndim != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
-            raise InputError(f"position_ids must have shape (batch or 1, seq) = ({batch}, {seq}); got {position_ids.shape}")
+            raise InputError(
+                f"position_ids must have shape (batch or 1, seq) = ({batch}, {seq}); got {position_ids.shape}"
+            )
     return input_ids, inputs_embeds, attention_mask, batch, seq
 
 
-def prepare_inputs(config, weights, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                   past_key_values=None, use_cache=None, new_cache=None):
+def prepare_inputs(
+    config,
+    weights,
+    input_ids=None,
+    inputs_embeds=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    use_cache=None,
+    new_cache=None,
+):
     """Everything a family's model function starts from, checked and set up once (`ForwardInputs`).
 
     weights: any weight of the model; small arrays built on the host (masks, positions, cos/sin)
@@ -386,8 +467,9 @@ def prepare_inputs(config, weights, input_ids=None, inputs_embeds=None, attentio
         past_key_values = new_cache(config) if new_cache else KVCache(config.num_hidden_layers)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
-    return ForwardInputs(input_ids, inputs_embeds, attention_mask, np.asarray(position_ids), past_key_values,
-                         past, batch, seq, weights)
+    return ForwardInputs(
+        input_ids, inputs_embeds, attention_mask, np.asarray(position_ids), past_key_values, past, batch, seq, weights
+    )
 
 
 class ForwardInputs:
@@ -458,10 +540,28 @@ class BaseModel(PreTrainedModel):
     def backbone_roots(self):
         return {name.split(".")[0] for name in self.backbone_shapes(self.config)}
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_attentions=False, output_hidden_states=False, **extra):
-        return self.backbone_forward(self.params, self.config, input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids, past_key_values=past_key_values,
-                                     inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                     output_attentions=output_attentions,
-                                     output_hidden_states=output_hidden_states, **extra)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        **extra,
+    ):
+        return self.backbone_forward(
+            self.params,
+            self.config,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **extra,
+        )

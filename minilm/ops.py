@@ -5,7 +5,9 @@ below are the reference: read them to learn what each operation computes. Compil
 (Numba on the CPU, CuPy on the GPU) live in `kernels/` (installed as `minilm.kernels`) and
 register themselves under a backend name; `set_backend` picks which one runs. Model code never
 changes and never knows which backend is active. A fourth op, `prepare_weight`, runs once per
-weight when a model loads: it puts the weight where, and in the form, the backend reads it.
+weight when a model loads: it puts the weight where, and in the form, the backend reads it; with
+it `reads_quantized` says whether the backend computes straight from a GGUF matrix's blocks
+(`minilm.io.quants.QuantizedWeight`), which then never becomes float32.
 
 Shapes:
     linear:        x (..., in_features), weight (out_features, in_features) -> (..., out_features)
@@ -24,6 +26,7 @@ import numpy as np
 
 from . import nn
 from .errors import ConfigError
+from .io.quants import QuantizedWeight
 
 # ---------------------------------------------------------------------------------------------
 # NumPy reference implementations
@@ -97,14 +100,15 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch", "prepare_weight")
+OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized")
 
 _BACKENDS = {
     "numpy": {
         "linear": linear_reference,
         "attention": attention_reference,
         "moe_dispatch": moe_dispatch_reference,
-        "prepare_weight": np.asarray,
+        "prepare_weight": np.asarray,  # a QuantizedWeight is dequantized (quants.py, the reference)
+        "reads_quantized": lambda weight: False,
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
@@ -207,20 +211,30 @@ def prepare_weight(array):
     matrix whose every block of columns is exactly a scale times int8 codes (a dequantized Q8_0 /
     Q5_0 / Q6_K tensor), a read-only view that also holds those codes, which decode reads instead
     of the float32 values; any other weight as it is. The result may share memory with `array`, so
-    pass an array the model owns (`load_state_dict` prepares its own copy of the checkpoint)."""
+    pass an array the model owns (`load_state_dict` prepares its own copy of the checkpoint).
+
+    A `QuantizedWeight` (a GGUF matrix kept as its blocks) comes back as it is when the backend
+    computes with its blocks (`reads_quantized`), else dequantized to float32."""
     return _impl("prepare_weight")(array)
+
+
+def reads_quantized(weight):
+    """True when the active backend's `linear` computes straight from this `QuantizedWeight`'s
+    blocks (numba: Q8_0, Q5_0, Q4_K, Q6_K); then `load_state_dict` keeps it as blocks and makes
+    no float32 copy. False on the NumPy reference, which dequantizes every weight once, at load."""
+    return _impl("reads_quantized")(weight)
 
 
 def like(x, reference):
     """A small array built on the host (mask, positions, cos/sin) placed where `reference`
     lives, so that a forward pass never mixes devices. A no-op for NumPy arrays."""
-    if isinstance(reference, np.ndarray) or np.isscalar(reference):
+    if isinstance(reference, (np.ndarray, QuantizedWeight)) or np.isscalar(reference):
         return np.asarray(x)
     return np.asarray(x, like=reference)  # NEP 35: the reference's array library creates it
 
 
 def to_host(x):
     """A NumPy array, copied back from the GPU when needed (logits for sampling, losses)."""
-    if x is None or isinstance(x, np.ndarray):
+    if x is None or isinstance(x, (np.ndarray, QuantizedWeight)):  # blocks are on the host already
         return x
     return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)

@@ -11,8 +11,8 @@ What must hold:
   * nothing the caller passed is changed (values, flags, type) by preparing or by `linear`;
   * only the prepared array carries codes: anything derived from it (a slice, `w.T`, `w * 2`,
     `table[ids]`, a copy) is plain float32 data with no codes, and writing into it fails loudly.
-The last test runs the real Gemma 3 270M (whose embedding, attention and MLP weights take this
-path) loaded under the backend and asks for transformers' greedy ids.
+The last test runs the real Gemma 3 270M loaded under the backend (its GGUF matrices now stay in
+their blocks, tests/test_quantized_weights.py) and asks for transformers' greedy ids.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minilm import ops
+from minilm.io.quants import QuantizedWeight
 from minilm.kernels.numba import linear as numba_linear
 from minilm.kernels.numba.linear import Int8BlockWeight
 
@@ -187,10 +188,12 @@ def test_writing_into_a_prepared_weight_fails_loudly(any_size):
 
 
 @pytest.mark.slow
-def test_real_model_greedy_ids_on_the_int8_path():
+@pytest.mark.parametrize("keep", ["default", "all"])
+def test_real_model_greedy_ids_on_the_int8_path(keep, monkeypatch):
     """`minilm.generate()` loads and decodes with this backend by default: the shipped model's
     greedy ids must still be transformers' (tests/fixtures/gemma3_270m_reference.json), for a
-    short prompt and for one longer than the sliding window."""
+    short prompt and for one longer than the sliding window; with the default weights (int8 codes
+    and Q4_K / Q6_K blocks) and with every weight kept in its GGUF blocks (MINILM_KEEP_QUANTIZED=all)."""
     import json
     from pathlib import Path
 
@@ -199,6 +202,7 @@ def test_real_model_greedy_ids_on_the_int8_path():
 
     reference = json.loads((Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json").read_text())
     cases = {case["name"]: case for case in reference["generation"]["cases"]}
+    monkeypatch.setenv("MINILM_KEEP_QUANTIZED", keep)
     with ops.use_backend("numba"):
         model = minilm.from_pretrained(default_model.default_model_path())  # weights prepared at load
         for name in ("capital", "long"):
@@ -207,4 +211,7 @@ def test_real_model_greedy_ids_on_the_int8_path():
             assert ids[0, prompt.shape[1] :].tolist() == cases[name]["new_ids"], name
     lm_head = model.params.lm_head.weight
     assert lm_head is model.params.model.embed_tokens.weight  # tied: one array
-    assert lm_head.codes is not None  # the tied embedding took the int8 path
+    if keep == "all":
+        assert isinstance(lm_head, QuantizedWeight)  # the tied embedding stays in its Q8_0 blocks
+    else:
+        assert lm_head.codes is not None  # read as int8 codes + scales

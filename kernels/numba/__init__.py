@@ -2,6 +2,7 @@
 
     compile.py    what every kernel shares: bf16 loads, dot products, `_launch`, precision rules
     linear.py     linear: the decode gemv, BLAS for many rows, int8 block weights (`prepare_weight`)
+    quantized.py  linear on GGUF blocks kept as they are (Q8_0, Q5_0, Q4_K, Q6_K): gemv, tiled BLAS
     attention.py  attention: the fused decode kernel (flash-decoding), BLAS + masked softmax
     moe.py        moe_dispatch: counting sort by expert, per-expert kernels or BLAS, ordered sums
 
@@ -11,7 +12,12 @@ returns, to the tolerances stated in `tests/test_kernels.py`.
 
 from minilm import ops
 
-from . import attention, linear, moe  # the modules stay attributes of the package (not shadowed by their ops)
+from . import (  # the modules stay attributes of the package (not shadowed by their ops)
+    attention,
+    linear,
+    moe,
+    quantized,
+)
 
 ops.register_backend(
     "numba",
@@ -20,5 +26,6 @@ ops.register_backend(
         "attention": attention.attention,
         "moe_dispatch": moe.moe_dispatch,
         "prepare_weight": linear.prepare_weight,
+        "reads_quantized": quantized.reads_quantized,
     },
 )

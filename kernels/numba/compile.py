@@ -51,6 +51,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -130,6 +131,26 @@ def _as_float32(a):
 def _matmul_dtype(a_dtype, b_dtype):
     """The dtype NumPy gives `a @ b` for these dtypes (bf16 @ bf16 is float32 with ml_dtypes)."""
     return (np.zeros((1, 1), a_dtype) @ np.zeros((1, 1), b_dtype)).dtype
+
+
+@intrinsic
+def _prefetch(typingctx, a, index):
+    """Ask the CPU to start loading the cache line that holds a[index] (a: 1-D array). A hint:
+    it changes no value, only when memory is read."""
+    if not isinstance(a, types.Array) or a.ndim != 1 or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        address = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        builder.call(prefetch, [address, i32(0), i32(3), i32(1)])  # read, keep in all caches, data
+        return context.get_dummy_value()
+
+    return types.void(a, index), codegen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,14 +18,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from minilm import ops
 from minilm.errors import InputError
+from minilm.io.quants import QuantizedWeight
 
+from . import quantized
 from .compile import (
     _SUM_IN_ANY_ORDER,
     _as_float32,
@@ -33,6 +32,7 @@ from .compile import (
     _last_axis_unit_stride,
     _launch,
     _matmul_dtype,
+    _prefetch,
     _to_f32,
 )
 
@@ -237,6 +237,8 @@ def prepare_weight(weight):
     `weight` itself is left as it was (values and flags)."""
     if isinstance(weight, Int8BlockWeight) and weight.codes is not None:
         return weight  # prepared already (e.g. `model.to_device()` twice)
+    if isinstance(weight, QuantizedWeight):  # GGUF blocks: kept when quantized.py has kernels for them
+        return weight if quantized.reads_quantized(weight) else np.asarray(weight)
     weight = np.asarray(weight)
     if (
         weight.dtype != np.float32
@@ -252,26 +254,6 @@ def prepare_weight(weight):
     prepared.codes, prepared.scales = found
     prepared.flags.writeable = False
     return prepared
-
-
-@intrinsic
-def _prefetch(typingctx, a, index):
-    """Ask the CPU to start loading the cache line that holds a[index] (a: 1-D array). A hint:
-    it changes no value, only when memory is read."""
-    if not isinstance(a, types.Array) or a.ndim != 1 or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        address = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), "llvm.prefetch.p0i8"
-        )
-        builder.call(prefetch, [address, i32(0), i32(3), i32(1)])  # read, keep in all caches, data
-        return context.get_dummy_value()
-
-    return types.void(a, index), codegen
 
 
 _NO_BIAS = np.zeros(1, np.float32)  # the bias argument of a linear without one (never read)
@@ -353,7 +335,18 @@ def _gemv_int8_kernel(x, codes, scales, bias, has_bias, out):
 
 def linear(x, weight, bias=None):
     """Numba version of `ops.linear_reference`: x (..., in_features), weight (out_features, in_features).
-    A weight prepared as an `Int8BlockWeight` is read as its int8 codes on the gemv path."""
+    A weight prepared as an `Int8BlockWeight` is read as its int8 codes on the gemv path, and a
+    `QuantizedWeight` (GGUF blocks) by the kernels of quantized.py."""
+    if isinstance(weight, QuantizedWeight):
+        x = np.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != weight.shape[1] or (bias is not None and np.shape(bias) != weight.shape[:1]):
+            raise InputError(
+                f"linear: x {x.shape}, weight {weight.shape} and bias {None if bias is None else np.shape(bias)} "
+                f"do not fit: expected x (..., in_features), weight (out_features, in_features), bias (out_features,)"
+            )
+        if not quantized.reads_quantized(weight) or x.dtype != np.float32:
+            return ops.linear_reference(x, np.asarray(weight), bias)
+        return quantized.linear_quantized(x, weight, bias)
     codes, scales = getattr(weight, "codes", None), getattr(weight, "scales", None)
     x, weight = np.asarray(x), np.asarray(weight)
     if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError
-from .quants import BLOCK_LAYOUT, DEQUANTIZE, dequantize_bytes
+from .quants import BLOCK_LAYOUT, DEQUANTIZE, QuantizedWeight, dequantize_bytes
 
 # --------------------------------------------------------------------------------------------
 # The file
@@ -466,6 +466,18 @@ class GGUFTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.gguf_file.tensor_info(self.name).shape
+
+    @property
+    def ggml_type(self) -> str:
+        return self.gguf_file.tensor_info(self.name).type_name
+
+    def quantized(self) -> QuantizedWeight | None:
+        """The tensor as a `QuantizedWeight` (its blocks, memory-mapped, not copied) when it is a
+        block-quantized matrix stored as is (no offset); None for plain floats, norms, vectors."""
+        info = self.gguf_file.tensor_info(self.name)
+        if self.offset or len(info.shape) != 2 or BLOCK_LAYOUT.get(info.type_name, (1, 0))[0] == 1:
+            return None
+        return QuantizedWeight(self.gguf_file.raw(self.name), info.type_name, info.shape)
 
     def __array__(self, dtype=None, copy=None):
         weight = self.gguf_file.dequantize(self.name)  # float32, a new array

@@ -445,3 +445,69 @@ def dequantize_bytes(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) ->
     blocks = raw.reshape(-1, bytes_per_block)  # (n_blocks, bytes_per_block)
     values = DEQUANTIZE[type_name](blocks)  # (n_blocks, values_per_block)
     return values.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# A weight matrix that stays in its blocks
+# --------------------------------------------------------------------------------------------
+
+
+class QuantizedWeight:
+    """A weight matrix (out_features, in_features) kept as GGUF blocks, read as float32.
+
+        blocks     (out_features, bytes_per_row) uint8: the file's bytes (a read-only memory map
+                   of the GGUF, never copied); row o is in_features // values_per_block blocks
+        type_name  the ggml type, e.g. "Q4_K" (`BLOCK_LAYOUT`, `DEQUANTIZE`)
+        shape      (out_features, in_features), the logical shape; dtype float32
+
+    Its values are `dequantize_bytes(blocks, type_name, shape)`, the readable NumPy code above:
+    `np.asarray(w)` dequantizes the whole matrix, `w[ids]` only the rows asked for (an embedding
+    lookup reads a few rows of the table). A backend with kernels for the type computes straight
+    from the blocks (`ops.prepare_weight` decides); every other consumer sees plain float32.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, blocks: np.ndarray, type_name: str, shape: tuple[int, int]):
+        values_per_block, bytes_per_block = BLOCK_LAYOUT[type_name]
+        out_features, in_features = shape
+        row_bytes = in_features // values_per_block * bytes_per_block
+        if in_features % values_per_block or blocks.shape != (out_features, row_bytes):
+            raise CheckpointError(
+                f"{type_name} weight of shape {tuple(shape)} needs blocks of shape "
+                f"({out_features}, {row_bytes}), got {blocks.shape}"
+            )
+        blocks = np.asarray(blocks)  # a plain ndarray view of the memory map: still no copy
+        self.blocks, self.type_name, self.shape = blocks, type_name, (int(out_features), int(in_features))
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks (what a pass over the weight reads), not of the float32 values."""
+        return self.blocks.nbytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def T(self) -> np.ndarray:
+        """The dequantized matrix transposed (the NumPy reference's `x @ w.T`; dequantizes it all)."""
+        return np.asarray(self).T
+
+    def __array__(self, dtype=None, copy=None):
+        values = dequantize_bytes(self.blocks, self.type_name, self.shape)  # (out_features, in_features)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def __getitem__(self, rows):
+        """Rows of the float32 matrix, dequantizing only those: w[ids] with ids of any shape
+        -> (*ids.shape, in_features); w[o] -> (in_features,); w[a:b] -> (b - a, in_features)."""
+        picked = self.blocks[rows]  # (..., bytes_per_row): the blocks of those rows only
+        shape = (*picked.shape[:-1], self.shape[1])
+        return dequantize_bytes(picked, self.type_name, shape)
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.type_name}, shape={self.shape}, {self.blocks.nbytes:,} bytes)"

@@ -104,13 +104,15 @@ def gemma_backend(tokens: list[str], token_types: list[int], unk_token: str) -> 
     return backend
 
 
-def add_gguf_added_tokens(backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int], vocab: dict) -> None:
+def add_gguf_added_tokens(
+    backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int], vocab: dict
+) -> None:
     """Control tokens become special added tokens, user-defined ones plain added tokens: both are
     matched whole in the raw text. A user-defined token whose stored spelling is not in `vocab`
     (the runs of spaces, respelled "▁▁...") is left to the merges, as in transformers."""
-    control = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_CONTROL]
+    control = [token for token, kind in zip(tokens, token_types, strict=True) if kind == TOKEN_CONTROL]
     user_defined = [
-        token for token, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED and token in vocab
+        token for token, kind in zip(tokens, token_types, strict=True) if kind == TOKEN_USER_DEFINED and token in vocab
     ]
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in user_defined])
@@ -189,7 +191,12 @@ def _read_cache(path: pathlib.Path) -> tuple[tokenizers.Tokenizer, dict] | None:
 
 def _write_cache(path: pathlib.Path, backend: tokenizers.Tokenizer, settings: dict, source: pathlib.Path) -> None:
     """Write atomically (temp file in the same dir, fsync, os.replace); warn, do not fail, on OSError."""
-    payload = {"format": CACHE_FORMAT_VERSION, "source": str(source), "settings": settings, "tokenizer": backend.to_str()}
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "source": str(source),
+        "settings": settings,
+        "tokenizer": backend.to_str(),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temp_files(path)
@@ -247,7 +254,7 @@ class Tokenizer:
     # ---- construction ----
 
     @classmethod
-    def from_gguf(cls, source, use_cache: bool = True) -> "Tokenizer":
+    def from_gguf(cls, source, use_cache: bool = True) -> Tokenizer:
         """Build from a GGUF path or an opened `minilm.io.gguf.GGUFFile` (cached on disk; see module doc)."""
         gguf_file = source if isinstance(source, GGUFFile) else None
         path = gguf_file.path if gguf_file is not None else pathlib.Path(source)
@@ -264,7 +271,7 @@ class Tokenizer:
         return cls(backend, settings)
 
     @classmethod
-    def from_file(cls, path) -> "Tokenizer":
+    def from_file(cls, path) -> Tokenizer:
         """Load a Hugging Face `tokenizer.json` (or a folder holding one; a `.gguf` path goes to `from_gguf`).
 
         Special tokens, `add_bos_token` and the chat template come from `tokenizer_config.json`
@@ -283,7 +290,9 @@ class Tokenizer:
         except Exception as error:
             raise CheckpointError(f"{path} is not a valid tokenizer.json: {error}") from error
         config = _read_json_if_present(path.parent / "tokenizer_config.json")
-        settings = {name: _token_content(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        settings = {
+            name: _token_content(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
         if "add_bos_token" in config:
             settings["add_bos_token"] = bool(config["add_bos_token"])
         else:
@@ -291,7 +300,9 @@ class Tokenizer:
             bos_id = backend.token_to_id(settings["bos_token"]) if settings["bos_token"] else None
             settings["add_bos_token"] = bos_id is not None and with_special[:1] == [bos_id]
         template_file = path.parent / "chat_template.jinja"
-        settings["chat_template"] = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+        settings["chat_template"] = (
+            template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+        )
         return cls(backend, settings)
 
     # ---- encode / decode ----
@@ -324,12 +335,16 @@ class Tokenizer:
 
     # ---- chat ----
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
+    ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's Jinja chat
         template (or `chat_template`), as transformers does (`tokenize=False`). Needs jinja2."""
         template = chat_template or self.chat_template
         if template is None:
-            raise ConfigError("this tokenizer has no chat template (the checkpoint stores none); pass chat_template=...")
+            raise ConfigError(
+                "this tokenizer has no chat template (the checkpoint stores none); pass chat_template=..."
+            )
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InputError("messages must be a list of dicts like {'role': 'user', 'content': 'hi'}")
         return _compile_chat_template(template).render(
@@ -356,7 +371,9 @@ def _compile_chat_template(template: str):
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)

@@ -1,0 +1,368 @@
+"""linear on a weight kept as GGUF blocks (`minilm.io.quants.QuantizedWeight`): no float32 copy.
+
+A GGUF matrix stays in its file's bytes (memory-mapped) and the kernels here rebuild each block's
+float32 values on the fly, with the float32 arithmetic of the NumPy reference in
+`minilm/io/quants.py` (`dequantize_<type>`), so every weight value is the reference's bit for bit:
+
+    Q8_0   32 values / 34 bytes    w = d * q                        q int8
+    Q5_0   32 values / 22 bytes    w = d * (q - 16)                 q 5 bits (4 in qs, 1 in qh)
+    Q4_K  256 values / 144 bytes   w = (d * sc[s]) * q - dmin * m[s]  8 sub-blocks of 32, q 4 bits
+    Q6_K  256 values / 210 bytes   w = (d * sc[s]) * (q - 32)       16 sub-blocks of 16, q 6 bits
+
+(the byte layouts are drawn in quants.py). `_decode_block` writes one block's values into a small
+float32 buffer; both paths use it:
+
+  * decode (rows of x <= GEMV_MAX_ROWS): `_gemv_<type>` (`_gemv_rows`), prange over output rows; each
+    block is decoded once into the buffer (L1 cache) and dotted with every row of x. Memory
+    traffic is the blocks only (Q4_K: 0.14 of the float32 bytes). Sums are reassociated (SIMD),
+    as in the float32 gemv: results equal dequantize-then-matmul to 1e-5 * max|ref|.
+  * prefill (more rows): `_dequantize_rows_kernel` turns a tile of output rows (TILE_VALUES) into a
+    float32 buffer and BLAS multiplies it, tile after tile: the full float32 matrix never exists.
+
+float16 scales are read from the bytes (`_f16`, exact, no NumPy float16 in compiled code).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import njit, prange
+
+from minilm.io.quants import BLOCK_LAYOUT, QuantizedWeight
+
+from .compile import _SUM_IN_ANY_ORDER, _prefetch
+
+# ggml types with kernels here, and the number `_decode_block` knows each one by.
+KERNEL_TYPES = {"Q8_0": 0, "Q5_0": 1, "Q4_K": 2, "Q6_K": 3}
+GEMV_MAX_ROWS = 8  # as the float32 gemv: up to this many rows of x, the kernel; above, BLAS on tiles
+# Values dequantized per BLAS call on the prefill path (16 MB of float32: a whole layer matrix of
+# the 270M, 1/40 of its embedding). Few, large tiles: each switch between the numba threads that
+# dequantize and OpenBLAS's threads costs a scheduler tick on a small machine (compile.py).
+TILE_VALUES = 1 << 22
+
+# 2**(e - 25) for the 5-bit exponent e of a float16 (e = 0: subnormal, uses 2**-24 as e = 1)
+_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)
+
+
+@njit(inline="always")
+def _f16(b, i):
+    """The little-endian float16 at bytes b[i], b[i + 1] as float32 (exact).
+    Normal: (1024 + mantissa) * 2**(e - 25); subnormal: mantissa * 2**-24; e = 31: inf / nan."""
+    bits = np.int32(b[i]) | (np.int32(b[i + 1]) << 8)
+    e = (bits >> 10) & 31
+    mantissa = bits & 1023
+    if e == 31:
+        value = np.float32(np.inf) if mantissa == 0 else np.float32(np.nan)
+    else:
+        value = np.float32(mantissa + (1024 if e > 0 else 0)) * _POW2[e]
+    return -value if bits & 0x8000 else value
+
+
+@njit(inline="always")
+def _decode_block(kind, b, start, w):
+    """The values of the block at bytes b[start:] (one row's bytes, uint8) into w[:values_per_block],
+    with the reference's float32 operations (quants.py `dequantize_<type>`)."""
+    if kind == 0:  # Q8_0: | d f16 | q[32] int8 |
+        d = _f16(b, start)
+        for j in range(32):
+            q = b[start + 2 + j]
+            w[j] = d * np.float32(np.int8(q))  # the byte read as int8
+    elif kind == 1:  # Q5_0: | d f16 | qh u32 | qs[16] |   value j: low nibble, j + 16: high nibble
+        d = _f16(b, start)
+        qh = np.uint32(b[start + 2]) | (np.uint32(b[start + 3]) << 8)
+        qh |= (np.uint32(b[start + 4]) << 16) | (np.uint32(b[start + 5]) << 24)
+        for j in range(16):
+            byte = np.int32(b[start + 6 + j])
+            lo = (byte & 15) | (np.int32((qh >> j) & 1) << 4)
+            hi = (byte >> 4) | (np.int32((qh >> (j + 16)) & 1) << 4)
+            w[j] = d * np.float32(lo - 16)
+            w[j + 16] = d * np.float32(hi - 16)
+    elif kind == 2:  # Q4_K: | d | dmin | scales[12] | qs[128] |   chunk c: sub-blocks 2c (low), 2c + 1 (high)
+        d = _f16(b, start)
+        dmin = _f16(b, start + 2)
+        sc = start + 4
+        for s in range(8):
+            if s < 4:
+                scale = np.int32(b[sc + s]) & 63
+                low_min = np.int32(b[sc + s + 4]) & 63
+            else:
+                scale = (np.int32(b[sc + s + 4]) & 15) | ((np.int32(b[sc + s - 4]) >> 6) << 4)
+                low_min = (np.int32(b[sc + s + 4]) >> 4) | ((np.int32(b[sc + s]) >> 6) << 4)
+            sub_scale = d * np.float32(scale)
+            offset = dmin * np.float32(low_min)
+            qs = start + 16 + 32 * (s >> 1)  # the chunk of sub-block s
+            shift = 4 * (s & 1)  # low nibbles for even s, high for odd
+            for j in range(32):
+                w[32 * s + j] = sub_scale * np.float32((np.int32(b[qs + j]) >> shift) & 15) - offset
+    else:  # Q6_K: | ql[128] | qh[64] | scales[16] int8 | d f16 |
+        d = _f16(b, start + 208)
+        for half in range(2):
+            ql, qh = start + 64 * half, start + 128 + 32 * half
+            for group in range(4):  # values 128 half + 32 group + l
+                sub = 8 * half + 2 * group
+                s0 = np.int32(b[start + 192 + sub])
+                s1 = np.int32(b[start + 193 + sub])
+                scale0 = d * np.float32(s0 - 256 if s0 > 127 else s0)
+                scale1 = d * np.float32(s1 - 256 if s1 > 127 else s1)
+                low_at = ql + 32 * (group & 1)
+                low_shift = 4 * (group >> 1)
+                high_shift = 2 * group
+                for j in range(32):
+                    low = (np.int32(b[low_at + j]) >> low_shift) & 15
+                    high = (np.int32(b[qh + j]) >> high_shift) & 3
+                    scale = scale0 if j < 16 else scale1
+                    w[128 * half + 32 * group + j] = scale * np.float32((low | (high << 4)) - 32)
+
+
+# The decode gemv, one kernel per type: out[r, o] = sum_i x[r, i] * weight[o, i] (+ bias[o]).
+#   x (rows, in_features) float32 C-contiguous; blocks (out_features, row_bytes) uint8, the GGUF
+#   bytes of each weight row; bias (out_features,) float32 (ignored unless has_bias);
+#   out (rows, out_features) float32.
+# prange over chunks of output rows (`_gemv`); `_row_dot_<type>` rebuilds each value in registers
+# with the reference's operations (the same as `_decode_block`) and adds value * x into 32 lanes of
+# partial sums, so the loops vectorise; the lanes are summed once per output (`_finish_row`).
+
+
+@njit(inline="always", fastmath=_SUM_IN_ANY_ORDER)
+def _row_dot_q8_0(x, row, acc):
+    """acc[r, j] += sum over blocks of w[32 blk + j] * x[r, 32 blk + j] for one Q8_0 row."""
+    codes = row.view(np.int8)
+    for blk in range(x.shape[1] // 32):
+        d, start, base = _f16(row, 34 * blk), 34 * blk + 2, 32 * blk
+        for r in range(x.shape[0]):
+            for j in range(32):
+                acc[r, j] += (d * np.float32(codes[start + j])) * x[r, base + j]
+
+
+@njit(inline="always", fastmath=_SUM_IN_ANY_ORDER)
+def _row_dot_q5_0(x, row, acc, q):
+    """As _row_dot_q8_0 for Q5_0; q: (32,) int32, room for one block's codes."""
+    for blk in range(x.shape[1] // 32):
+        start, base = 22 * blk, 32 * blk
+        d = _f16(row, start)
+        qh = np.int32(row[start + 2]) | (np.int32(row[start + 3]) << 8)
+        qh |= (np.int32(row[start + 4]) << 16) | (np.int32(row[start + 5]) << 24)  # bit 31: the sign, never used as one
+        for j in range(16):  # value j: low nibble of qs[j]; value j + 16: its high nibble
+            byte = np.int32(row[start + 6 + j])
+            q[j] = ((byte & 15) | (((qh >> j) & 1) << 4)) - 16
+            q[j + 16] = ((byte >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16
+        for r in range(x.shape[0]):
+            for j in range(32):
+                acc[r, j] += (d * np.float32(q[j])) * x[r, base + j]
+
+
+@njit(inline="always", fastmath=_SUM_IN_ANY_ORDER)
+def _row_dot_q4_k(x, row, acc):
+    for blk in range(x.shape[1] // 256):
+        start = 144 * blk
+        d, dmin, sc = _f16(row, start), _f16(row, start + 2), start + 4
+        for s in range(8):
+            if s < 4:
+                scale = np.int32(row[sc + s]) & 63
+                low_min = np.int32(row[sc + s + 4]) & 63
+            else:
+                scale = (np.int32(row[sc + s + 4]) & 15) | ((np.int32(row[sc + s - 4]) >> 6) << 4)
+                low_min = (np.int32(row[sc + s + 4]) >> 4) | ((np.int32(row[sc + s]) >> 6) << 4)
+            sub_scale, offset = d * np.float32(scale), dmin * np.float32(low_min)
+            qs, shift, base = start + 16 + 32 * (s >> 1), 4 * (s & 1), 256 * blk + 32 * s
+            for r in range(x.shape[0]):
+                for j in range(32):
+                    q = np.float32((np.int32(row[qs + j]) >> shift) & 15)
+                    acc[r, j] += (sub_scale * q - offset) * x[r, base + j]
+
+
+@njit(inline="always", fastmath=_SUM_IN_ANY_ORDER)
+def _row_dot_q6_k(x, row, acc):
+    signed = row.view(np.int8)
+    for blk in range(x.shape[1] // 256):
+        start = 210 * blk
+        d = _f16(row, start + 208)
+        for half in range(2):
+            ql, qh = start + 64 * half, start + 128 + 32 * half
+            for group in range(4):  # values 128 half + 32 group + l, l = 0..31: sub-blocks sub, sub + 1
+                sub = 8 * half + 2 * group
+                low_at, low_shift, high_shift = ql + 32 * (group & 1), 4 * (group >> 1), 2 * group
+                base = 256 * blk + 128 * half + 32 * group
+                scale0 = d * np.float32(signed[start + 192 + sub])  # values l < 16
+                scale1 = d * np.float32(signed[start + 193 + sub])  # values l >= 16
+                for r in range(x.shape[0]):
+                    for j in range(32):
+                        low = (np.int32(row[low_at + j]) >> low_shift) & 15
+                        high = (np.int32(row[qh + j]) >> high_shift) & 3
+                        scale = scale0 if j < 16 else scale1
+                        acc[r, j] += (scale * np.float32((low | (high << 4)) - 32)) * x[r, base + j]
+
+
+@njit(inline="always", fastmath=_SUM_IN_ANY_ORDER)
+def _finish_row(acc, bias, has_bias, out, o):
+    for r in range(acc.shape[0]):
+        y = np.float32(0.0)
+        for j in range(32):
+            y += acc[r, j]
+        out[r, o] = y + bias[o] if has_bias else y
+        acc[r, :] = 0.0
+
+
+@njit(inline="always")
+def _prefetch_row(flat, row_bytes, o):
+    """Ask for weight row o (bytes of `flat`) ahead of its use: the blocks are a memory map of
+    4 KiB pages, across which the hardware prefetcher stops; this keeps memory busy."""
+    if (o + 1) * row_bytes <= flat.shape[0]:
+        for offset in range(0, row_bytes, 64):
+            _prefetch(flat, o * row_bytes + offset)
+
+
+PREFETCH_ROWS = 4  # the gemv asks for the row this far ahead of the one it computes
+
+
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
+def _gemv_q8_0(x, blocks, bias, has_bias, out):
+    """Four weight rows at a time (four memory streams, each x element loaded once for four rows,
+    as the float32 gemv), the next four prefetched; the last out_features % 4 rows one by one."""
+    n, row_bytes = blocks.shape
+    flat, codes = blocks.reshape(-1), blocks.view(np.int8)
+    n_quads = n // 4
+    n_chunks = min(max(n_quads, 1), 256)
+    for c in prange(n_chunks):
+        acc = np.empty((4, 32), np.float32)  # (row of the quad, lane) partial sums
+        for quad in range(c * n_quads // n_chunks, (c + 1) * n_quads // n_chunks):
+            o0 = 4 * quad
+            _prefetch_row(flat, 4 * row_bytes, quad + 1)
+            for r in range(x.shape[0]):
+                acc[:] = 0.0
+                for blk in range(x.shape[1] // 32):
+                    start, base = 34 * blk + 2, 32 * blk
+                    d0, d1 = _f16(blocks[o0], start - 2), _f16(blocks[o0 + 1], start - 2)
+                    d2, d3 = _f16(blocks[o0 + 2], start - 2), _f16(blocks[o0 + 3], start - 2)
+                    for j in range(32):
+                        xi = x[r, base + j]
+                        acc[0, j] += (d0 * np.float32(codes[o0, start + j])) * xi
+                        acc[1, j] += (d1 * np.float32(codes[o0 + 1, start + j])) * xi
+                        acc[2, j] += (d2 * np.float32(codes[o0 + 2, start + j])) * xi
+                        acc[3, j] += (d3 * np.float32(codes[o0 + 3, start + j])) * xi
+                for k in range(4):
+                    y = np.float32(0.0)
+                    for j in range(32):
+                        y += acc[k, j]
+                    out[r, o0 + k] = y + bias[o0 + k] if has_bias else y
+    acc = np.zeros((x.shape[0], 32), np.float32)
+    for o in range(4 * n_quads, n):  # the last rows
+        _row_dot_q8_0(x, blocks[o], acc)
+        _finish_row(acc, bias, has_bias, out, o)
+
+
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
+def _gemv_q5_0(x, blocks, bias, has_bias, out):
+    n, flat = blocks.shape[0], blocks.reshape(-1)
+    n_chunks = min(n, 256)
+    for c in prange(n_chunks):
+        acc, q = np.zeros((x.shape[0], 32), np.float32), np.empty(32, np.int32)
+        for o in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            _prefetch_row(flat, blocks.shape[1], o + PREFETCH_ROWS)
+            _row_dot_q5_0(x, blocks[o], acc, q)
+            _finish_row(acc, bias, has_bias, out, o)
+
+
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
+def _gemv_q4_k(x, blocks, bias, has_bias, out):
+    n, flat = blocks.shape[0], blocks.reshape(-1)
+    n_chunks = min(n, 256)
+    for c in prange(n_chunks):
+        acc = np.zeros((x.shape[0], 32), np.float32)
+        for o in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            _prefetch_row(flat, blocks.shape[1], o + PREFETCH_ROWS)
+            _row_dot_q4_k(x, blocks[o], acc)
+            _finish_row(acc, bias, has_bias, out, o)
+
+
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
+def _gemv_q6_k(x, blocks, bias, has_bias, out):
+    n, flat = blocks.shape[0], blocks.reshape(-1)
+    n_chunks = min(n, 256)
+    for c in prange(n_chunks):
+        acc = np.zeros((x.shape[0], 32), np.float32)
+        for o in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            _prefetch_row(flat, blocks.shape[1], o + PREFETCH_ROWS)
+            _row_dot_q6_k(x, blocks[o], acc)
+            _finish_row(acc, bias, has_bias, out, o)
+
+
+_GEMV = {"Q8_0": _gemv_q8_0, "Q5_0": _gemv_q5_0, "Q4_K": _gemv_q4_k, "Q6_K": _gemv_q6_k}
+
+
+@njit(cache=True)
+def _dequantize_rows_kernel(blocks, kind, block_values, first, out):
+    """out[k] = the float32 values of weight row first + k (exact: the reference's operations).
+    blocks (out_features, row_bytes) uint8, out (tile_rows, in_features) float32. One thread: it
+    runs between BLAS calls, whose threads would otherwise trade the cores with numba's."""
+    tile_rows, in_features = out.shape
+    n_blocks = in_features // block_values
+    block_bytes = blocks.shape[1] // n_blocks
+    w = np.empty(256, np.float32)
+    for k in range(tile_rows):
+        row = blocks[first + k]
+        for blk in range(n_blocks):
+            _decode_block(kind, row, blk * block_bytes, w)
+            for j in range(block_values):
+                out[k, blk * block_values + j] = w[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the backend's linear and prepare_weight call
+# ---------------------------------------------------------------------------------------------
+
+
+# The types the loader keeps as blocks by default. Q8_0 and Q5_0 weights are exactly int8 x scale,
+# and the int8 gemv of linear.py reads them faster today than the block kernels here do (the 270M:
+# ~24 tok/s against ~16 on 2 cores), so by default they load as float32 + int8 codes.
+# MINILM_KEEP_QUANTIZED=all keeps every type with a kernel as blocks: memory first (the 270M peaks
+# at ~0.75 GB instead of ~2 GB), decode slower.
+DEFAULT_KEPT_TYPES = {"Q4_K", "Q6_K"}
+
+
+def kept_types():
+    """The ggml types `reads_quantized` accepts now ($MINILM_KEEP_QUANTIZED=all: every kernel type)."""
+    return set(KERNEL_TYPES) if os.environ.get("MINILM_KEEP_QUANTIZED") == "all" else DEFAULT_KEPT_TYPES
+
+
+def reads_quantized(weight):
+    """`ops.reads_quantized`: True for a QuantizedWeight of a type this backend keeps as blocks."""
+    return isinstance(weight, QuantizedWeight) and weight.type_name in kept_types()
+
+
+def dequantize_rows(weight, first, count):
+    """Rows first .. first + count - 1 of the weight as float32 (count, in_features)."""
+    out = np.empty((count, weight.shape[1]), np.float32)
+    kind, block_values = KERNEL_TYPES[weight.type_name], BLOCK_LAYOUT[weight.type_name][0]
+    _dequantize_rows_kernel(weight.blocks, kind, block_values, first, out)
+    return out
+
+
+_NO_BIAS = np.zeros(1, np.float32)
+
+
+def linear_quantized(x, weight, bias=None):
+    """y = x W^T + b for a QuantizedWeight W of a type in KERNEL_TYPES. x (..., in_features)
+    float32 -> (..., out_features) float32 (the dtype of the reference with a float32 weight)."""
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x2 = np.ascontiguousarray(x.reshape(rows, in_features), dtype=np.float32)  # (rows, in_features)
+    kind, block_values = KERNEL_TYPES[weight.type_name], BLOCK_LAYOUT[weight.type_name][0]
+    b = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if rows <= GEMV_MAX_ROWS:
+        y = np.empty((rows, out_features), np.float32)  # (rows, out_features)
+        _GEMV[weight.type_name](x2, weight.blocks, b, bias is not None, y)
+    else:  # compute-bound: BLAS on float32 tiles of the weight, one tile in memory at a time
+        y = np.empty((rows, out_features), np.float32)
+        tile_rows = min(out_features, max(TILE_VALUES // in_features, 1))
+        tile = np.empty((tile_rows, in_features), np.float32)  # (tile_rows, in_features)
+        for first in range(0, out_features, tile_rows):
+            count = min(tile_rows, out_features - first)
+            _dequantize_rows_kernel(weight.blocks, kind, block_values, first, tile[:count])
+            y[:, first : first + count] = x2 @ tile[:count].T  # BLAS into a new array, then copied
+        if bias is not None:
+            y += b
+    return y.reshape(*lead, out_features)
