@@ -7,9 +7,9 @@ yet, so multi-byte characters (emoji, CJK) are never split.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -41,8 +41,8 @@ def load(model=None, dtype="float32", backend=None):
     """(model, tokenizer) for a GGUF file, a Hugging Face folder, or None for the default model,
     its weights prepared for `backend` (`ops.prepare_weight`; default: the one `generate` runs on)."""
     backend = backend or _generate_backend()
-    path = Path(model) if model is not None else default_model_path()
-    key = (str(path), str(dtype), backend)
+    path = resolve_model(model) if model is not None else default_model_path()  # a path, or hf://owner/name
+    key = (str(path), str(dtype), backend, os.environ.get("MINILM_KEEP_QUANTIZED"))
     if key not in _LOADED:
         with ops.use_backend(backend):  # the weights take the form this backend reads
             loaded = from_pretrained(path, dtype=dtype)
