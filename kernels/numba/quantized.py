@@ -323,8 +323,14 @@ DEFAULT_KEPT_TYPES = {"Q4_K", "Q6_K"}
 
 
 def kept_types():
-    """The ggml types `reads_quantized` accepts now ($MINILM_KEEP_QUANTIZED=all: every kernel type)."""
-    return set(KERNEL_TYPES) if os.environ.get("MINILM_KEEP_QUANTIZED") == "all" else DEFAULT_KEPT_TYPES
+    """The ggml types `reads_quantized` accepts now: $MINILM_KEEP_QUANTIZED = "all" (every type with
+    a kernel), "none", or a comma-separated list such as "Q4_K,Q6_K"; unset: DEFAULT_KEPT_TYPES."""
+    choice = os.environ.get("MINILM_KEEP_QUANTIZED", "").strip()
+    if not choice:
+        return DEFAULT_KEPT_TYPES
+    if choice in ("all", "none"):
+        return set(KERNEL_TYPES) if choice == "all" else set()
+    return {name.strip() for name in choice.split(",")} & set(KERNEL_TYPES)
 
 
 def reads_quantized(weight):
