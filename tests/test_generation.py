@@ -111,3 +111,10 @@ def test_top_p_sorts_only_the_head_and_keeps_what_a_full_sort_keeps(seed, vocab,
         np.testing.assert_array_equal(apply_top_p(logits, p), top_p_by_full_sort(logits, p))
     finally:
         generation.NUCLEUS_CANDIDATES = before
+
+
+def test_top_p_at_the_exact_boundary():
+    """Two tokens of probability 0.5 and p = 0.5: the first reaches p alone, so only it is kept
+    (transformers keeps one too); ties go to the lower token id, as a stable sort orders them."""
+    kept = ~np.isneginf(apply_top_p(np.zeros((1, 2), np.float32), 0.5))
+    np.testing.assert_array_equal(kept, [[True, False]])

@@ -351,3 +351,21 @@ def test_cupy_import_without_gpu_raises_config_error():
         pytest.skip("a GPU is available here")
     with pytest.raises(ConfigError, match=r"pip install minilm\[gpu\]"):
         importlib.import_module("minilm.kernels.cupy")
+
+
+@pytest.mark.parametrize("magnitude", [100.0, 3000.0])
+def test_numba_attention_with_scores_past_exps_range(magnitude):
+    """Scores far beyond float32 exp's range (~88): the softmax must subtract the row max
+    (a kernel that does not gives inf / NaN), on the path that returns the weights too."""
+    from minilm.kernels.numba import attention as numba_attention
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 3, 8)).astype(np.float32) * magnitude
+    k = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    mask = np.tril(np.ones((3, 5), bool), k=2)[None, None]
+    ref_out, ref_w = ops.attention_reference(q, k, v, mask, scale=1.0, return_weights=True)
+    out, weights = numba_attention.attention(q, k, v, mask, scale=1.0, return_weights=True)
+    assert np.isfinite(out).all() and np.isfinite(weights).all()
+    np.testing.assert_allclose(weights, ref_w, atol=1e-5)
+    np.testing.assert_allclose(out, ref_out, atol=1e-4 * np.abs(ref_out).max())
