@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
@@ -46,6 +47,17 @@ class PretrainedConfig:
     def validate(self):
         """Raise ConfigError naming the field when a value is impossible. Families extend this."""
         check_layer_count(self)
+        for name in self.field_names():  # norm epsilons and RoPE bases: a bad one gives NaN, not an error
+            value = getattr(self, name)
+            if type(value) not in (int, float):
+                continue
+            if (name.endswith(("eps", "epsilon")) and not 0 <= value < math.inf) or (
+                name in ("rope_theta", "rope_local_base_freq") and not 0 < value < math.inf
+            ):
+                bound = ">= 0" if name.endswith(("eps", "epsilon")) else "> 0"
+                raise ConfigError(
+                    f"{type(self).__name__}.{name}={value!r} is impossible (it must be finite and {bound})"
+                )
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
             raise ConfigError(
                 f"problem_type={self.problem_type!r} is not one of regression, "

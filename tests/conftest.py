@@ -4,13 +4,20 @@ Tolerance (the project's bar): max|Δ| <= 1e-4 * max(1, max|ref|), float32, comp
 over non-padding positions.
 """
 
+import collections
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# The fuzz tests try this many inputs each (CI: the default; `python scripts/fuzz.py`: many more)
+# and tally what happened in FUZZ_TALLY[test][outcome], outcome "read" or the error type's name.
+FUZZ_EXAMPLES = int(os.environ.get("MINILM_FUZZ_EXAMPLES", "300"))
+FUZZ_TALLY = collections.defaultdict(collections.Counter)
 
 
 def fixture_path(name):

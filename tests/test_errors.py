@@ -322,6 +322,7 @@ def test_a_weights_file_instead_of_its_folder(saved):
 
 # -- hostile safetensors: whatever the bytes, a CheckpointError, never a crash --------------------------
 
+from conftest import FUZZ_EXAMPLES, FUZZ_TALLY  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -339,7 +340,7 @@ def safetensors_bytes(header):
     return len(blob).to_bytes(8, "little") + blob + bytes(64)
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_safetensors_give_checkpoint_errors(tmp_path, data):
     """A header entry with any JSON in any field, truncations, bit flips, huge declared lengths."""
@@ -363,9 +364,11 @@ def test_fuzzed_safetensors_give_checkpoint_errors(tmp_path, data):
         tensors = read_checkpoint(tmp_path)
     except minilm.CheckpointError as error:
         assert "model.safetensors" in str(error) or "header" in str(error)
+        FUZZ_TALLY["safetensors"][type(error).__name__] += 1
         return
     for array in tensors.values():  # what loads must be readable to its last byte
         np.asarray(array).sum()
+    FUZZ_TALLY["safetensors"]["read"] += 1
 
 
 def test_a_shard_index_never_leads_outside_the_folder(tmp_path):
@@ -377,7 +380,7 @@ def test_a_shard_index_never_leads_outside_the_folder(tmp_path):
 FAMILY_FIXTURES = ["qwen3_moe_causal_lm", "bloom_causal_lm", "phi3_longrope", "gemma3_causal_lm"]
 
 
-@settings(max_examples=200, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_config_json_gives_minilm_errors(tmp_path_factory, data):
     """One field of a real config.json set to any JSON value: the model loads and runs, or a
@@ -394,9 +397,11 @@ def test_fuzzed_config_json_gives_minilm_errors(tmp_path_factory, data):
     try:
         model = minilm.from_pretrained(folder)
         out = model(np.array([[1, 2, 3, 4]]))
-    except minilm.MinilmError:
+    except minilm.MinilmError as error:
+        FUZZ_TALLY["config.json"][type(error).__name__] += 1
         return
     assert np.isfinite(out.logits).all(), f"{field}={config[field]!r} gave non-finite logits"
+    FUZZ_TALLY["config.json"]["read"] += 1
 
 
 def test_a_model_that_cannot_fit_is_refused_before_allocating(monkeypatch):

@@ -399,6 +399,7 @@ def test_real_state_dict_equals_transformers(gguf_file, reference):
 # hostile files: whatever the bytes, a CheckpointError naming the file, never a crash or a hang
 # --------------------------------------------------------------------------------------------
 
+from conftest import FUZZ_EXAMPLES, FUZZ_TALLY  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -435,10 +436,7 @@ def read_everything(path):
     return f
 
 
-FUZZ_STATS = {"tried": 0, "read": 0, "refused": 0}
-
-
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_headers_give_checkpoint_errors(valid_gguf_bytes, tmp_path, data):
     """Truncations, bit flips and huge values written over counts, lengths, dims and offsets."""
@@ -455,13 +453,12 @@ def test_fuzzed_headers_give_checkpoint_errors(valid_gguf_bytes, tmp_path, data)
             original[at : at + 8] = (b"\xff" * 8) if mutation == "huge" else bytes(8)
     path = tmp_path / "fuzzed.gguf"
     path.write_bytes(bytes(original))
-    FUZZ_STATS["tried"] += 1
     try:
         read_everything(path)
-        FUZZ_STATS["read"] += 1
+        FUZZ_TALLY["gguf"]["read"] += 1
     except CheckpointError as error:
         assert "fuzzed.gguf" in str(error)
-        FUZZ_STATS["refused"] += 1
+        FUZZ_TALLY["gguf"][type(error).__name__] += 1
 
 
 @pytest.mark.parametrize(

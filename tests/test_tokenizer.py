@@ -283,3 +283,42 @@ def test_cache_dir_follows_env(tmp_path, monkeypatch, gguf_path):
     monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "elsewhere"))
     assert tokenizer_cache_path(gguf_path).parent == tmp_path / "elsewhere" / "tokenizers"
     assert os.environ["MINILM_CACHE"].endswith("elsewhere")
+
+
+# -- hostile vocabularies: a Tokenizer or a CheckpointError, never a traceback ---------------------
+
+from conftest import FUZZ_EXAMPLES, FUZZ_TALLY  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from minilm.errors import MinilmError  # noqa: E402
+from minilm.io.tokenizer import gemma_backend_from_gguf_metadata, settings_from_gguf_metadata  # noqa: E402
+
+ANY_JSON = (
+    st.none() | st.booleans() | st.integers(-5, 10) | st.text(max_size=4) | st.lists(st.integers(-2, 8), max_size=4)
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES // 3, deadline=5000)
+@given(data=st.data())
+def test_fuzzed_vocabulary_metadata(data):
+    """A small Gemma vocabulary with one key replaced by anything, tokens duplicated or emptied,
+    types out of range, special ids outside the vocabulary."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "a", "b", "ab", "\u2581", "\n"]
+    meta = {
+        "general.architecture": "gemma3",
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": data.draw(st.sampled_from([tokens, tokens + ["a"], [], tokens[:3]])),
+        "tokenizer.ggml.token_type": data.draw(st.sampled_from([[3, 3, 3, 2, 3, 1, 1, 1, 1, 6], [1] * 10, [9] * 10])),
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.unknown_token_id": 3,
+    }
+    key = data.draw(st.sampled_from(sorted(meta) + ["tokenizer.ggml.padding_token_id", "tokenizer.chat_template"]))
+    meta[key] = data.draw(ANY_JSON)
+    try:
+        tokenizer = Tokenizer(gemma_backend_from_gguf_metadata(meta), settings_from_gguf_metadata(meta))
+        tokenizer.decode(tokenizer.encode("ab a\nb"))
+        FUZZ_TALLY["vocabulary"]["read"] += 1
+    except MinilmError as error:
+        FUZZ_TALLY["vocabulary"][type(error).__name__] += 1

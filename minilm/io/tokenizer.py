@@ -127,8 +127,28 @@ def _token_string(tokens: list[str], meta: dict, key: str) -> str | None:
     return tokens[token_id]
 
 
+def check_vocabulary_metadata(meta: dict) -> None:
+    """CheckpointError naming the key when the vocabulary metadata has the wrong shape or types
+    (a hostile or broken file), before anything builds from it."""
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError("GGUF metadata 'tokenizer.ggml.tokens' must be a non-empty list of strings")
+    if not isinstance(types, list) or not all(type(t) is int for t in types):
+        raise CheckpointError("GGUF metadata 'tokenizer.ggml.token_type' must be a list of integers")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and type(value) is not int:
+            raise CheckpointError(f"GGUF metadata 'tokenizer.ggml.{key}' must be an integer, got {value!r}")
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(
+            f"GGUF metadata 'tokenizer.chat_template' must be a string, got {type(template).__name__}"
+        )
+
+
 def settings_from_gguf_metadata(meta: dict) -> dict:
     """The special tokens and flags `Tokenizer` needs, from GGUF metadata."""
+    check_vocabulary_metadata(meta)
     tokens = meta["tokenizer.ggml.tokens"]
     return {
         "bos_token": _token_string(tokens, meta, "bos_token_id"),
@@ -154,6 +174,7 @@ def gemma_backend_from_gguf_metadata(meta: dict) -> tokenizers.Tokenizer:
     for key in ("tokens", "token_type"):
         if f"tokenizer.ggml.{key}" not in meta:
             raise CheckpointError(f"GGUF metadata has no 'tokenizer.ggml.{key}'")
+    check_vocabulary_metadata(meta)
     tokens, token_types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     if len(token_types) != len(tokens):
         raise CheckpointError(f"{len(tokens)} tokens but {len(token_types)} token types in the GGUF metadata")
