@@ -340,7 +340,7 @@ def safetensors_bytes(header):
     return len(blob).to_bytes(8, "little") + blob + bytes(64)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_safetensors_give_checkpoint_errors(tmp_path, data):
     """A header entry with any JSON in any field, truncations, bit flips, huge declared lengths."""
@@ -380,7 +380,7 @@ def test_a_shard_index_never_leads_outside_the_folder(tmp_path):
 FAMILY_FIXTURES = ["qwen3_moe_causal_lm", "bloom_causal_lm", "phi3_longrope", "gemma3_causal_lm"]
 
 
-@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_config_json_gives_minilm_errors(tmp_path_factory, data):
     """One field of a real config.json set to any JSON value: the model loads and runs, or a

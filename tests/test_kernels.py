@@ -369,3 +369,33 @@ def test_numba_attention_with_scores_past_exps_range(magnitude):
     assert np.isfinite(out).all() and np.isfinite(weights).all()
     np.testing.assert_allclose(weights, ref_w, atol=1e-5)
     np.testing.assert_allclose(out, ref_out, atol=1e-4 * np.abs(ref_out).max())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    magnitude=st.sampled_from([1.0, 30.0, 300.0, 3000.0]),
+    soft_cap=st.sampled_from([None, 1.0, 50.0]),
+    bias_scale=st.sampled_from([0.0, 100.0, 1000.0]),
+    return_weights=st.booleans(),
+    seq=st.integers(1, 4),
+)
+def test_numba_attention_extreme_magnitudes(seed, magnitude, soft_cap, bias_scale, return_weights, seq):
+    """Scores beyond float32 exp's range, soft caps, and large ALiBi-like biases: the Numba kernels
+    (decode and prefill paths) stay finite and equal the reference."""
+    from minilm.kernels.numba import attention as numba_attention
+
+    rng = np.random.default_rng(seed)
+    kv_seq = seq + 3
+    q = (rng.standard_normal((2, 4, seq, 8)) * magnitude).astype(np.float32)
+    k = rng.standard_normal((2, 2, kv_seq, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 2, kv_seq, 8)).astype(np.float32)
+    bias = (rng.standard_normal((1, 4, 1, kv_seq)) * bias_scale).astype(np.float32) if bias_scale else None
+    mask = np.tril(np.ones((seq, kv_seq), bool), k=3)[None, None]
+    options = dict(scale=0.5, bias=bias, soft_cap=soft_cap, return_weights=return_weights)
+    ref_out, ref_w = ops.attention_reference(q, k, v, mask, **options)
+    out, weights = numba_attention.attention(q, k, v, mask, **options)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref_out).max())))
+    if return_weights:
+        np.testing.assert_allclose(weights, ref_w, rtol=0, atol=1e-5)
