@@ -161,12 +161,16 @@ class SlidingWindowCache:
         return [ring[:, :, oldest:], ring[:, :, :oldest]]
 
     def _write(self, layer_idx, keys, values):
-        """Put the last min(seq, C) new positions into their slots p % C."""
+        """Put the last min(seq, C) new positions into their slots p % C: consecutive slots from the
+        first one up to the end of the ring, then the rest from slot 0 (two slice copies at most)."""
         capacity, seen, new = self.capacity(layer_idx), self._seen[layer_idx], keys.shape[2]
         kept = min(new, capacity)
-        slots = np.arange(seen + new - kept, seen + new, like=keys) % capacity  # (kept,)
-        self._ring_keys[layer_idx][:, :, slots] = keys[:, :, new - kept :]
-        self._ring_values[layer_idx][:, :, slots] = values[:, :, new - kept :]
+        first = (seen + new - kept) % capacity  # the slot of the oldest position written
+        to_end = min(kept, capacity - first)  # how many fit before the ring wraps
+        for ring, source in ((self._ring_keys, keys), (self._ring_values, values)):
+            source = source[:, :, new - kept :]  # (batch, num_kv_heads, kept, head_dim)
+            ring[layer_idx][:, :, first : first + to_end] = source[:, :, :to_end]
+            ring[layer_idx][:, :, : kept - to_end] = source[:, :, to_end:]
         self._seen[layer_idx] = seen + new
 
     def layer(self, layer_idx):

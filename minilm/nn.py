@@ -17,12 +17,14 @@ import math
 import numpy as np
 
 from .errors import ConfigError
+from .fusion import fusable
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
 
 
+@fusable
 def rms_norm(x, weight, eps):
     """RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
 
@@ -35,6 +37,7 @@ def rms_norm(x, weight, eps):
     return weight * normed.astype(x.dtype, copy=False)
 
 
+@fusable
 def layer_norm(x, weight, bias, eps):
     """LayerNorm (Ba et al., 2016): (x - mean) / sqrt(var + eps) * weight + bias.
 
@@ -78,6 +81,7 @@ def gelu(x):
     return 0.5 * x * (1 + _erf(x / math.sqrt(2)).astype(x.dtype, copy=False))
 
 
+@fusable
 def gelu_tanh(x):
     """GELU, tanh approximation (GPT-2, BLOOM, Gemma): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
     c, k = x.dtype.type(math.sqrt(2 / math.pi)), x.dtype.type(0.044715)

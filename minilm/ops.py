@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import nn
+from . import fusion, nn
 from .errors import ConfigError
 from .io.quants import QuantizedWeight
 
@@ -100,7 +100,7 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized")
+OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized", "fused")
 
 _BACKENDS = {
     "numpy": {
@@ -109,6 +109,7 @@ _BACKENDS = {
         "moe_dispatch": moe_dispatch_reference,
         "prepare_weight": np.asarray,  # a QuantizedWeight is dequantized (quants.py, the reference)
         "reads_quantized": lambda weight: False,
+        "fused": {},  # {name: kernel} for `fusion.fusable` functions (norms, RoPE, activations)
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
@@ -126,6 +127,9 @@ def register_backend(name, implementations):
     unknown = set(implementations) - set(OPS)
     if unknown:
         raise ConfigError(f"backend {name!r} registers unknown ops {sorted(unknown)}; ops are {OPS}")
+    not_fusable = set(implementations.get("fused", {})) - set(fusion.FUSABLE)
+    if not_fusable:
+        raise ConfigError(f"backend {name!r} fuses {sorted(not_fusable)}, which no @fusable function is named")
     _BACKENDS[name] = dict(_BACKENDS["numpy"], **implementations)
 
 
@@ -179,6 +183,14 @@ def use_backend(name):
 
 def _impl(op):
     return _load(get_backend())[op]
+
+
+def _fused_kernel(name):
+    """The active backend's fused kernel for the `@fusable` function `name`, or None."""
+    return _load(get_backend())["fused"].get(name)
+
+
+fusion.set_lookup(_fused_kernel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from .errors import ConfigError
+from .fusion import fusable
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
@@ -264,6 +265,7 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+@fusable
 def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i + d/2}) by its angle: x * cos + rotate_half(x) * sin.
 

@@ -6,6 +6,7 @@
     linear.py     linear: one cuBLAS gemm
     attention.py  attention: cuBLAS gemms around one RawKernel masked softmax
     moe.py        moe_dispatch: pairs sorted by expert, cuBLAS per chosen expert, ordered sums
+    fused.py      one-launch norms, RoPE and GELU for the `@fusable` functions (minilm/fusion.py)
 
 Each op has the signature of its NumPy reference in `minilm/ops.py` and returns what the reference
 returns, to the tolerances stated in `tests/test_kernels.py`.
@@ -13,7 +14,8 @@ returns, to the tolerances stated in `tests/test_kernels.py`.
 
 from minilm import ops
 
-from . import attention, common, linear, moe  # the modules stay attributes of the package (not shadowed by their ops)
+# the modules stay attributes of the package (not shadowed by their ops)
+from . import attention, common, fused, linear, moe
 
 ops.register_backend(
     "cupy",
@@ -22,5 +24,6 @@ ops.register_backend(
         "attention": attention.attention,
         "moe_dispatch": moe.moe_dispatch,
         "prepare_weight": common.prepare_weight,
+        "fused": fused.FUSED,
     },
 )

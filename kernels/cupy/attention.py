@@ -1,5 +1,6 @@
 """attention on the GPU: cuBLAS for q k^T and weights @ v, one RawKernel for the masked softmax
-(scale -> soft cap -> bias -> mask -> softmax, `nn.softmax`'s rules). Conventions: `common.py`."""
+(scale -> soft cap -> bias -> mask -> softmax, `nn.softmax`'s rules); for one query position
+(decode), one RawKernel for all of it. Conventions: `common.py`."""
 
 from __future__ import annotations
 
@@ -101,6 +102,141 @@ extern "C" __global__ void masked_softmax(
 _masked_softmax = cp.RawKernel(_MASKED_SOFTMAX_SOURCE, "masked_softmax")
 
 
+_DECODE_SOURCE = r"""
+// Decode attention, one query position: one block per (batch, head) does it all, reading each key
+// and value once. The scores live in shared memory (kv_seq floats); the same rules as
+// masked_softmax above: scale -> soft cap -> bias -> mask -> softmax (max -> 0 when not finite,
+// sum -> 1 when 0, uniform over every key when the mask hides all of them).
+//   q (batch, num_heads, 1, head_dim), k/v (batch, num_kv_heads, kv_seq, head_dim): element
+//   strides per axis, head_dim contiguous; out (batch, num_heads, 1, head_dim) C-contiguous.
+//   Query head h reads kv head h / groups (GQA).
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+__device__ float reduce_block(float value, float* red, bool take_max) {
+    red[threadIdx.x] = value;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            float other = red[threadIdx.x + stride];
+            red[threadIdx.x] = take_max ? fmaxf(red[threadIdx.x], other) : red[threadIdx.x] + other;
+        }
+        __syncthreads();
+    }
+    float result = red[0];
+    __syncthreads();
+    return result;
+}
+
+extern "C" __global__ void decode_attention(
+    const float* q, const float* k, const float* v, float* out,
+    const bool* mask, int has_mask, long long mask_sb, long long mask_sj,
+    const float* bias, int has_bias, long long bias_sb, long long bias_sh, long long bias_sj,
+    float scale, float cap, int has_cap,
+    int num_heads, int groups, int kv_seq, int head_dim,
+    long long q_sb, long long q_sh, long long k_sb, long long k_sh, long long k_ss,
+    long long v_sb, long long v_sh, long long v_ss)
+{
+    extern __shared__ float smem[];
+    float* p = smem;             // (kv_seq,) scores, then probabilities
+    float* red = smem + kv_seq;  // (blockDim.x,) for the reductions
+    const int h = blockIdx.x % num_heads;
+    const long long b = blockIdx.x / num_heads;
+    const int kvh = h / groups;
+    const float* qr = q + b * q_sb + h * q_sh;
+    const float* kb = k + b * k_sb + kvh * k_sh;
+    const float* vb = v + b * v_sb + kvh * v_sh;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+
+    // 1. q . k_j, one warp per key
+    for (int j = warp; j < kv_seq; j += warps) {
+        const float* kr = kb + j * k_ss;
+        float s = 0.0f;
+        for (int d = lane; d < head_dim; d += 32) s += qr[d] * kr[d];
+        for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffff, s, offset);
+        if (lane == 0) p[j] = s;
+    }
+    __syncthreads();
+
+    // 2. scale -> soft cap -> bias -> mask, the row max, whether any key is visible
+    float local_max = NEG_INF, local_visible = 0.0f;
+    for (int j = threadIdx.x; j < kv_seq; j += blockDim.x) {
+        float s = NEG_INF;
+        if (!has_mask || mask[b * mask_sb + j * mask_sj]) {
+            s = p[j] * scale;
+            if (has_cap) s = cap * tanhf(s / cap);
+            if (has_bias) s += bias[b * bias_sb + h * bias_sh + j * bias_sj];
+            local_visible = 1.0f;
+        }
+        p[j] = s;
+        local_max = fmaxf(local_max, s);
+    }
+    float row_max = reduce_block(local_max, red, true);
+    if (reduce_block(local_visible, red, true) == 0.0f) {
+        for (int j = threadIdx.x; j < kv_seq; j += blockDim.x) p[j] = 0.0f;
+        row_max = 0.0f;
+    }
+    if (!(fabsf(row_max) < POS_INF)) row_max = 0.0f;
+
+    // 3. softmax
+    float local_sum = 0.0f;
+    for (int j = threadIdx.x; j < kv_seq; j += blockDim.x) {
+        float e = expf(p[j] - row_max);
+        p[j] = e;
+        local_sum += e;
+    }
+    float total = reduce_block(local_sum, red, false);
+    if (total == 0.0f) total = 1.0f;
+    for (int j = threadIdx.x; j < kv_seq; j += blockDim.x) p[j] = p[j] / total;
+    __syncthreads();
+
+    // 4. out = sum_j p_j v_j, one thread per output dimension (coalesced rows of v)
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < kv_seq; j++) acc += p[j] * vb[j * v_ss + d];
+        out[blockIdx.x * (long long)head_dim + d] = acc;
+    }
+}
+"""
+_decode_attention = cp.RawKernel(_DECODE_SOURCE, "decode_attention")
+_DECODE_THREADS = 256
+_DECODE_MAX_KEYS = 10_240  # scores in shared memory: 40 KB of the 48 KB a block gets by default
+
+
+def _decode(q, k, v, mask, scale, bias, soft_cap):
+    """One query position (decode), q/k/v float32 CuPy arrays: the whole attention in one launch.
+    None when the arguments do not fit it (the general path runs)."""
+    batch, num_heads, _, head_dim = q.shape
+    num_kv_heads, kv_seq = k.shape[1], k.shape[2]
+    if kv_seq == 0 or kv_seq > _DECODE_MAX_KEYS or any(a.strides[-1] != 4 for a in (q, k, v) if head_dim > 1):
+        return None
+    try:
+        mask_view = None if mask is None else cp.broadcast_to(cp.asarray(mask, dtype=cp.bool_), (batch, 1, 1, kv_seq))
+        bias_view = None if bias is None else cp.broadcast_to(_to_device_f32(bias), (batch, num_heads, 1, kv_seq))
+    except ValueError:
+        return None  # the general path raises the error that names the shapes
+    placeholder = cp.empty((1,), cp.float32)
+    mask_sb, _, _, mask_sj = _element_strides(mask_view) if mask is not None else (0, 0, 0, 0)
+    bias_sb, bias_sh, _, bias_sj = _element_strides(bias_view) if bias is not None else (0, 0, 0, 0)
+    out = cp.empty((batch, num_heads, 1, head_dim), cp.float32)
+    (q_sb, q_sh, _, _), (k_sb, k_sh, k_ss, _), (v_sb, v_sh, v_ss, _) = map(_element_strides, (q, k, v))
+    _decode_attention(
+        (batch * num_heads,), (_DECODE_THREADS,),
+        (
+            q, k, v, out,
+            placeholder if mask is None else mask_view, np.int32(mask is not None),
+            np.int64(mask_sb), np.int64(mask_sj),
+            placeholder if bias is None else bias_view, np.int32(bias is not None),
+            np.int64(bias_sb), np.int64(bias_sh), np.int64(bias_sj),
+            np.float32(scale), np.float32(0.0 if soft_cap is None else soft_cap), np.int32(soft_cap is not None),
+            np.int32(num_heads), np.int32(num_heads // num_kv_heads), np.int32(kv_seq), np.int32(head_dim),
+            q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+        ),
+        shared_mem=(kv_seq + _DECODE_THREADS) * 4,
+    )  # fmt: skip
+    return out
+
+
 def _element_strides(a):
     return tuple(np.int64(s // a.itemsize) for s in a.strides)
 
@@ -133,6 +269,10 @@ def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_wei
             scale=scale, bias=bias, soft_cap=soft_cap, return_weights=return_weights,
         )  # fmt: skip
 
+    if seq == 1 and not return_weights and all(_is_cupy(a) and a.dtype == cp.float32 for a in (q, k, v)):
+        out = _decode(q, k, v, mask, scale, bias, soft_cap)  # decode: one launch
+        if out is not None:
+            return out, None
     qd, kd, vd = _to_device_f32(q), _to_device_f32(k), _to_device_f32(v)
     # (batch, num_kv_heads, groups * seq, head_dim): the query heads sharing a kv head, stacked
     qg = cp.ascontiguousarray(qd).reshape(batch, num_kv_heads, groups * seq, head_dim)

@@ -34,6 +34,7 @@ from .. import nn, ops
 from ..cache import SlidingWindowCache
 from ..config import PretrainedConfig, check_layer_count, check_positive
 from ..errors import ConfigError
+from ..fusion import fusable
 from ..heads import ForCausalLM
 from ..modeling import BaseModel, prepare_inputs
 from ..rope import apply_rope, compute_inv_freq, rope_cos_sin, rope_type
@@ -178,6 +179,7 @@ class Gemma3TextConfig(PretrainedConfig):
 # ---------------------------------------------------------------------------------------------
 
 
+@fusable
 def gemma_rms_norm(x, weight, eps):
     """Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + weight), all in float32, cast back.
 
