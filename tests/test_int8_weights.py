@@ -188,12 +188,13 @@ def test_writing_into_a_prepared_weight_fails_loudly(any_size):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keep", ["default", "all"])
+@pytest.mark.parametrize("keep", ["default", "none"])
 def test_real_model_greedy_ids_on_the_int8_path(keep, monkeypatch):
     """`minilm.generate()` loads and decodes with this backend by default: the shipped model's
     greedy ids must still be transformers' (tests/fixtures/gemma3_270m_reference.json), for a
-    short prompt and for one longer than the sliding window; with the default weights (int8 codes
-    and Q4_K / Q6_K blocks) and with every weight kept in its GGUF blocks (MINILM_KEEP_QUANTIZED=all)."""
+    short prompt and for one longer than the sliding window; with the default weights (every GGUF
+    matrix in its blocks, Q5_0 repacked to int8 codes) and with every weight float32 read as int8
+    codes where it is exactly codes x scales (MINILM_KEEP_QUANTIZED=none)."""
     import json
     from pathlib import Path
 
@@ -202,7 +203,10 @@ def test_real_model_greedy_ids_on_the_int8_path(keep, monkeypatch):
 
     reference = json.loads((Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json").read_text())
     cases = {case["name"]: case for case in reference["generation"]["cases"]}
-    monkeypatch.setenv("MINILM_KEEP_QUANTIZED", keep)
+    if keep == "default":
+        monkeypatch.delenv("MINILM_KEEP_QUANTIZED", raising=False)
+    else:
+        monkeypatch.setenv("MINILM_KEEP_QUANTIZED", keep)
     with ops.use_backend("numba"):
         model = minilm.from_pretrained(default_model.default_model_path())  # weights prepared at load
         for name in ("capital", "long"):
@@ -211,7 +215,7 @@ def test_real_model_greedy_ids_on_the_int8_path(keep, monkeypatch):
             assert ids[0, prompt.shape[1] :].tolist() == cases[name]["new_ids"], name
     lm_head = model.params.lm_head.weight
     assert lm_head is model.params.model.embed_tokens.weight  # tied: one array
-    if keep == "all":
+    if keep == "default":
         assert isinstance(lm_head, QuantizedWeight)  # the tied embedding stays in its Q8_0 blocks
     else:
         assert lm_head.codes is not None  # read as int8 codes + scales

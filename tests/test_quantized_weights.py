@@ -171,18 +171,24 @@ def gguf_path():
     return default_model_path()
 
 
-def test_default_kept_types_are_the_fast_ones(gguf_path, monkeypatch):
-    """By default only Q4_K / Q6_K stay blocks on numba (Q8_0 / Q5_0 read faster as int8 codes)."""
+def test_default_keeps_every_gguf_matrix_in_its_blocks(gguf_path, monkeypatch):
+    """By default numba keeps every GGUF matrix as blocks, the tied LM head included: no float32
+    copy of any of them (Q5_0 is repacked to int8 codes at load, Q8_0 is read in place)."""
     import minilm
-    from minilm.kernels.numba.linear import Int8BlockWeight
     from minilm.modeling import flatten
 
     monkeypatch.delenv("MINILM_KEEP_QUANTIZED", raising=False)
     with ops.use_backend("numba"):
         model = minilm.from_pretrained(gguf_path)
-    kept = {w.type_name for w in flatten(model.params).values() if isinstance(w, QuantizedWeight)}
-    assert kept == {"Q4_K", "Q6_K"}
-    assert isinstance(model.params.lm_head.weight, Int8BlockWeight)
+    params = flatten(model.params)
+    kept = {w.type_name for w in params.values() if isinstance(w, QuantizedWeight)}
+    assert kept == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    assert not [name for name, w in params.items() if w.ndim == 2 and not isinstance(w, QuantizedWeight)]
+    assert model.params.lm_head.weight is model.params.model.embed_tokens.weight
+    for w in params.values():
+        if isinstance(w, QuantizedWeight) and w.type_name == "Q5_0":
+            assert w.codes is not None and w.codes.dtype == np.int8  # repacked at load, not per call
+            assert w.block_scales is not None
 
 
 def test_numba_model_keeps_quantized_linears_and_lm_head(gguf_path, monkeypatch):

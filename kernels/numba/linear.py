@@ -238,7 +238,7 @@ def prepare_weight(weight):
     if isinstance(weight, Int8BlockWeight) and weight.codes is not None:
         return weight  # prepared already (e.g. `model.to_device()` twice)
     if isinstance(weight, QuantizedWeight):  # GGUF blocks: kept when quantized.py has kernels for them
-        return weight if quantized.reads_quantized(weight) else np.asarray(weight)
+        return quantized.prepare_blocks(weight) if quantized.reads_quantized(weight) else np.asarray(weight)
     weight = np.asarray(weight)
     if (
         weight.dtype != np.float32
@@ -346,6 +346,14 @@ def linear(x, weight, bias=None):
             )
         if not quantized.reads_quantized(weight) or x.dtype != np.float32:
             return ops.linear_reference(x, np.asarray(weight), bias)
+        codes = quantized.repacked_codes(weight)  # Q5_0: int8 codes with the block scales
+        rows = math.prod(x.shape[:-1])
+        if codes is not None and rows <= GEMV_MAX_ROWS:
+            y = np.empty((rows, weight.shape[0]), np.float32)  # (rows, out_features)
+            kb = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+            x2 = np.ascontiguousarray(x.reshape(rows, x.shape[-1]))
+            _gemv_int8_kernel(x2, codes, quantized.block_scales(weight), kb, bias is not None, y)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
         return quantized.linear_quantized(x, weight, bias)
     codes, scales = getattr(weight, "codes", None), getattr(weight, "scales", None)
     x, weight = np.asarray(x), np.asarray(weight)

@@ -218,9 +218,11 @@ PREFETCH_ROWS = 4  # the gemv asks for the row this far ahead of the one it comp
 
 
 @njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
-def _gemv_q8_0(x, blocks, bias, has_bias, out):
+def _gemv_q8_0(x, blocks, scales, bias, has_bias, out):
     """Four weight rows at a time (four memory streams, each x element loaded once for four rows,
-    as the float32 gemv), the next four prefetched; the last out_features % 4 rows one by one."""
+    as the float32 gemv), the next four prefetched; the last out_features % 4 rows one by one.
+    scales (out_features, blocks per row) float32: each block's d, read from its float16 once at
+    load (`block_scales`), so the loop holds no float16 decoding."""
     n, row_bytes = blocks.shape
     flat, codes = blocks.reshape(-1), blocks.view(np.int8)
     n_quads = n // 4
@@ -234,8 +236,7 @@ def _gemv_q8_0(x, blocks, bias, has_bias, out):
                 acc[:] = 0.0
                 for blk in range(x.shape[1] // 32):
                     start, base = 34 * blk + 2, 32 * blk
-                    d0, d1 = _f16(blocks[o0], start - 2), _f16(blocks[o0 + 1], start - 2)
-                    d2, d3 = _f16(blocks[o0 + 2], start - 2), _f16(blocks[o0 + 3], start - 2)
+                    d0, d1, d2, d3 = scales[o0, blk], scales[o0 + 1, blk], scales[o0 + 2, blk], scales[o0 + 3, blk]
                     for j in range(32):
                         xi = x[r, base + j]
                         acc[0, j] += (d0 * np.float32(codes[o0, start + j])) * xi
@@ -253,16 +254,56 @@ def _gemv_q8_0(x, blocks, bias, has_bias, out):
         _finish_row(acc, bias, has_bias, out, o)
 
 
+@njit(inline="always")
+def _q5_0_high_bits(row, start):
+    """The 32 fifth bits (qh) of the Q5_0 block at row[start:], as one int32."""
+    qh = np.int32(row[start + 2]) | (np.int32(row[start + 3]) << 8)
+    return qh | (np.int32(row[start + 4]) << 16) | (np.int32(row[start + 5]) << 24)
+
+
 @njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
-def _gemv_q5_0(x, blocks, bias, has_bias, out):
-    n, flat = blocks.shape[0], blocks.reshape(-1)
-    n_chunks = min(n, 256)
+def _gemv_q5_0(x, blocks, scales, bias, has_bias, out):
+    """As _gemv_q8_0: four rows at a time, block scales from `block_scales`. Value j < 16 of a
+    block is the low nibble of qs[j] with bit j of qh as its fifth bit, value j + 16 the high
+    nibble with bit j + 16; both are rebuilt in registers, next to their multiply."""
+    n, row_bytes = blocks.shape
+    flat = blocks.reshape(-1)
+    n_quads = n // 4
+    n_chunks = min(max(n_quads, 1), 256)
     for c in prange(n_chunks):
-        acc, q = np.zeros((x.shape[0], 32), np.float32), np.empty(32, np.int32)
-        for o in range(c * n // n_chunks, (c + 1) * n // n_chunks):
-            _prefetch_row(flat, blocks.shape[1], o + PREFETCH_ROWS)
-            _row_dot_q5_0(x, blocks[o], acc, q)
-            _finish_row(acc, bias, has_bias, out, o)
+        acc = np.empty((4, 32), np.float32)  # (row of the quad, lane) partial sums
+        for quad in range(c * n_quads // n_chunks, (c + 1) * n_quads // n_chunks):
+            o0 = 4 * quad
+            _prefetch_row(flat, 4 * row_bytes, quad + 1)
+            b0, b1, b2, b3 = blocks[o0], blocks[o0 + 1], blocks[o0 + 2], blocks[o0 + 3]
+            for r in range(x.shape[0]):
+                acc[:] = 0.0
+                for blk in range(x.shape[1] // 32):
+                    start, base = 22 * blk, 32 * blk
+                    d0, d1, d2, d3 = scales[o0, blk], scales[o0 + 1, blk], scales[o0 + 2, blk], scales[o0 + 3, blk]
+                    h0, h1 = _q5_0_high_bits(b0, start), _q5_0_high_bits(b1, start)
+                    h2, h3 = _q5_0_high_bits(b2, start), _q5_0_high_bits(b3, start)
+                    for j in range(16):
+                        x_lo, x_hi = x[r, base + j], x[r, base + 16 + j]
+                        q0, q1 = np.int32(b0[start + 6 + j]), np.int32(b1[start + 6 + j])
+                        q2, q3 = np.int32(b2[start + 6 + j]), np.int32(b3[start + 6 + j])
+                        acc[0, j] += (d0 * np.float32(((q0 & 15) | (((h0 >> j) & 1) << 4)) - 16)) * x_lo
+                        acc[1, j] += (d1 * np.float32(((q1 & 15) | (((h1 >> j) & 1) << 4)) - 16)) * x_lo
+                        acc[2, j] += (d2 * np.float32(((q2 & 15) | (((h2 >> j) & 1) << 4)) - 16)) * x_lo
+                        acc[3, j] += (d3 * np.float32(((q3 & 15) | (((h3 >> j) & 1) << 4)) - 16)) * x_lo
+                        acc[0, 16 + j] += (d0 * np.float32(((q0 >> 4) | (((h0 >> (j + 16)) & 1) << 4)) - 16)) * x_hi
+                        acc[1, 16 + j] += (d1 * np.float32(((q1 >> 4) | (((h1 >> (j + 16)) & 1) << 4)) - 16)) * x_hi
+                        acc[2, 16 + j] += (d2 * np.float32(((q2 >> 4) | (((h2 >> (j + 16)) & 1) << 4)) - 16)) * x_hi
+                        acc[3, 16 + j] += (d3 * np.float32(((q3 >> 4) | (((h3 >> (j + 16)) & 1) << 4)) - 16)) * x_hi
+                for k in range(4):
+                    y = np.float32(0.0)
+                    for j in range(32):
+                        y += acc[k, j]
+                    out[r, o0 + k] = y + bias[o0 + k] if has_bias else y
+    acc, q1 = np.zeros((x.shape[0], 32), np.float32), np.empty(32, np.int32)
+    for o in range(4 * n_quads, n):  # the last rows
+        _row_dot_q5_0(x, blocks[o], acc, q1)
+        _finish_row(acc, bias, has_bias, out, o)
 
 
 @njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
@@ -314,12 +355,12 @@ def _dequantize_rows_kernel(blocks, kind, block_values, first, out):
 # ---------------------------------------------------------------------------------------------
 
 
-# The types the loader keeps as blocks by default. Q8_0 and Q5_0 weights are exactly int8 x scale,
-# and the int8 gemv of linear.py reads them faster today than the block kernels here do (the 270M:
-# ~24 tok/s against ~16 on 2 cores), so by default they load as float32 + int8 codes.
-# MINILM_KEEP_QUANTIZED=all keeps every type with a kernel as blocks: memory first (the 270M peaks
-# at ~0.75 GB instead of ~2 GB), decode slower.
-DEFAULT_KEPT_TYPES = {"Q4_K", "Q6_K"}
+# The types the loader keeps as blocks by default: every type with a kernel here. Decode reads
+# Q8_0 from its blocks and Q5_0 repacked to int8 codes (`repacked_codes`), both as fast as the int8
+# codes linear.py finds in float32 weights, so no float32 copy is needed: the 270M peaks at
+# ~0.9 GB instead of ~2 GB and loads in half the time. MINILM_KEEP_QUANTIZED chooses otherwise
+# ("none": every weight float32, as the NumPy reference holds them; or a list of types).
+DEFAULT_KEPT_TYPES = set(KERNEL_TYPES)
 
 
 def kept_types():
@@ -338,11 +379,69 @@ def reads_quantized(weight):
     return isinstance(weight, QuantizedWeight) and weight.type_name in kept_types()
 
 
+def block_scales(weight):
+    """(out_features, blocks per row) float32: the scale d of every block of a Q8_0 / Q5_0 weight,
+    read from its float16 (exact) once and kept on the weight (`prepare_blocks`). Other types: None."""
+    if weight.type_name not in ("Q8_0", "Q5_0"):
+        return None
+    if getattr(weight, "block_scales", None) is None:
+        bytes_per_block = BLOCK_LAYOUT[weight.type_name][1]
+        n_blocks = weight.blocks.shape[1] // bytes_per_block
+        grouped = weight.blocks.reshape(weight.shape[0], n_blocks, bytes_per_block)
+        weight.block_scales = np.ascontiguousarray(grouped[:, :, :2]).view(np.float16)[..., 0].astype(np.float32)
+    return weight.block_scales
+
+
+def repacked_codes(weight):
+    """Q5_0 only: (out_features, in_features) int8, the signed code (q - 16) of every value, so that
+    value = block_scales[o, i // 32] * code, exactly. Unpacking five-bit codes costs more than the
+    memory it saves, so decode reads these (linear.py's int8 gemv, 1 byte per value instead of
+    0.69) and the GGUF blocks are no longer touched; llama.cpp repacks its weights at load the same
+    way. Built once per weight (`prepare_blocks`), with NumPy. Other types: None."""
+    if weight.type_name != "Q5_0":
+        return None
+    if getattr(weight, "codes", None) is None:
+        out_features, in_features = weight.shape
+        grouped = weight.blocks.reshape(out_features, in_features // 32, 22)  # | d f16 | qh u32 | qs[16] |
+        qh = np.ascontiguousarray(grouped[:, :, 2:6]).view("<u4")  # (out, blocks, 1): bit j = fifth bit of value j
+        qs = grouped[:, :, 6:].astype(np.int16)  # (out, blocks, 16)
+        fifth = (qh >> np.arange(32, dtype=np.uint32)) & 1  # (out, blocks, 32)
+        low = (qs & 15) | (fifth[:, :, :16] << 4).astype(np.int16)  # values 0..15 of each block
+        high = (qs >> 4) | (fifth[:, :, 16:] << 4).astype(np.int16)  # values 16..31
+        codes = np.concatenate([low, high], axis=2) - 16  # (out, blocks, 32) in [-16, 15]
+        weight.codes = codes.astype(np.int8).reshape(out_features, in_features)
+    return weight.codes
+
+
+def prepare_blocks(weight):
+    """What `prepare_weight` does once, at load, for a weight kept as blocks: the float32 block
+    scales of Q8_0 / Q5_0 and the repacked codes of Q5_0. Returns the weight."""
+    block_scales(weight)
+    repacked_codes(weight)
+    return weight
+
+
+def _fill_tile(weight, kind, block_values, first, out):
+    """out (count, in_features) = rows first .. first + count - 1 of the weight as float32, the
+    reference's values. Q8_0 / Q5_0: scale * code over whole tiles at once (NumPy, vectorised;
+    the same float32 products as the reference); the K-quants: `_dequantize_rows_kernel`."""
+    scales = block_scales(weight)
+    if scales is None:
+        _dequantize_rows_kernel(weight.blocks, kind, block_values, first, out)
+        return
+    count, in_features = out.shape
+    rows = slice(first, first + count)
+    if weight.type_name == "Q5_0":  # repacked
+        codes = repacked_codes(weight)[rows].reshape(count, -1, 32)  # (count, blocks, 32) int8
+    else:  # Q8_0: the int8 codes inside the blocks, | d f16 | q[32] int8 |
+        codes = weight.blocks[rows].reshape(count, -1, 34)[:, :, 2:].view(np.int8)
+    np.multiply(scales[rows, :, None], codes, out=out.reshape(count, -1, 32))
+
+
 def dequantize_rows(weight, first, count):
-    """Rows first .. first + count - 1 of the weight as float32 (count, in_features)."""
+    """Rows first .. first + count - 1 of the weight as float32 (count, in_features): a prefill tile."""
     out = np.empty((count, weight.shape[1]), np.float32)
-    kind, block_values = KERNEL_TYPES[weight.type_name], BLOCK_LAYOUT[weight.type_name][0]
-    _dequantize_rows_kernel(weight.blocks, kind, block_values, first, out)
+    _fill_tile(weight, KERNEL_TYPES[weight.type_name], BLOCK_LAYOUT[weight.type_name][0], first, out)
     return out
 
 
@@ -360,14 +459,18 @@ def linear_quantized(x, weight, bias=None):
     b = _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     if rows <= GEMV_MAX_ROWS:
         y = np.empty((rows, out_features), np.float32)  # (rows, out_features)
-        _GEMV[weight.type_name](x2, weight.blocks, b, bias is not None, y)
+        scales = block_scales(weight)
+        if scales is None:
+            _GEMV[weight.type_name](x2, weight.blocks, b, bias is not None, y)
+        else:
+            _GEMV[weight.type_name](x2, weight.blocks, scales, b, bias is not None, y)
     else:  # compute-bound: BLAS on float32 tiles of the weight, one tile in memory at a time
         y = np.empty((rows, out_features), np.float32)
         tile_rows = min(out_features, max(TILE_VALUES // in_features, 1))
         tile = np.empty((tile_rows, in_features), np.float32)  # (tile_rows, in_features)
         for first in range(0, out_features, tile_rows):
             count = min(tile_rows, out_features - first)
-            _dequantize_rows_kernel(weight.blocks, kind, block_values, first, tile[:count])
+            _fill_tile(weight, kind, block_values, first, tile[:count])
             y[:, first : first + count] = x2 @ tile[:count].T  # BLAS into a new array, then copied
         if bias is not None:
             y += b
