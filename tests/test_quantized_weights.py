@@ -227,3 +227,24 @@ def test_numpy_model_dequantizes_at_load(gguf_path):
     with ops.use_backend("numpy"):
         model = minilm.from_pretrained(gguf_path)
     assert all(isinstance(w, np.ndarray) and w.dtype == np.float32 for w in flatten(model.params).values())
+
+
+@pytest.mark.slow
+def test_real_model_loads_within_its_memory_budget(gguf_path):
+    """Loading the shipped 270M with the default backend peaks under 650 MB: the GGUF matrices stay
+    in their blocks and the tokenizer's build temporaries are given back before the weights arrive
+    (it peaked at 1.97 GB with float32 copies, 0.88 GB with the temporaries kept). llama.cpp peaks
+    at 320-400 MB on this model; the goal is 1.5x that."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, minilm\n"
+        "minilm.set_backend('numba')\n"
+        f"model = minilm.from_pretrained({str(gguf_path)!r})\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = int(done.stdout.split()[-1])
+    assert peak_mb < 650, f"loading peaked at {peak_mb} MB"

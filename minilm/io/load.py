@@ -85,8 +85,11 @@ def model_from_gguf(path, dtype="float32", *, tokenizer=True):
         )
     config = {**config_from_gguf(gguf_file), "architectures": [family.default_architecture]}
     cls = class_for_config(config)
+    # The tokenizer first: building it needs a few hundred MB of temporaries, which it gives back
+    # before the weights arrive, so the two never add up in the peak memory.
+    loaded_tokenizer = Tokenizer.from_gguf(gguf_file) if tokenizer else None
     model = cls(cls.config_class.from_dict(config), params=tensors_from_gguf(gguf_file), dtype=dtype)
-    model.tokenizer = Tokenizer.from_gguf(gguf_file) if tokenizer else None
+    model.tokenizer = loaded_tokenizer
     return model
 
 
