@@ -326,6 +326,7 @@ class Session:
         self.model, self.tokenizer = api.load(path, args.dtype, self.backend)
         console.info(f"loaded in {time.perf_counter() - start:.1f} s")
         self.template = None
+        self.conversation = None  # interactive chat: a minilm.Conversation (token ids + KV cache)
         if args.chat:
             from .io.chat_templates import chat_template_for
 
@@ -390,6 +391,28 @@ class Session:
     def render(self, messages):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=self.template)
 
+    def chat_turn(self, history, message):
+        """Answer `message` after `history` (messages), keeping the conversation in the KV cache:
+        only the text the template adds for this turn goes through the model. Returns the history
+        with this turn and its reply."""
+        from .conversation import Conversation, text_after_reply
+
+        if self.conversation is None:
+            self.conversation = Conversation(self.model)
+        messages = [*history, {"role": "user", "content": message}]
+        text = None
+        if history and self.conversation.ids:
+            text, before_reply = text_after_reply(self.render, messages)
+            if text is None or before_reply != self.render(history[:-1]):
+                self.console.detail("the chat template rewrites earlier turns: running the whole conversation again")
+                text = None
+        if text is None:
+            self.conversation.reset()
+            text = self.render(messages)
+        reply, _ = self.answer(text, templated=True, conversation=self.conversation)
+        self.console.detail(f"conversation: {_count(len(self.conversation), 'token')} (in the KV cache)")
+        return [*messages, {"role": "assistant", "content": reply}]
+
     def options(self):
         a = self.args
         return dict(
@@ -406,19 +429,26 @@ class Session:
             dtype=a.dtype,
         )
 
-    def answer(self, text, *, templated):
+    def answer(self, text, *, templated, conversation=None):
         """Stream the continuation of `text` to stdout. Returns (text generated, interrupted).
-        templated: `text` is a rendered chat (it holds its own <bos>)."""
+        templated: `text` is a rendered chat (it holds its own <bos>), or a turn of `conversation`.
+        Ctrl-C stops the answer after the token being computed (the KV cache stays whole); a second
+        Ctrl-C interrupts at once (the conversation then re-runs from its ids on the next turn)."""
         from . import api
 
         stats = {}
         before = _numba_kernel_counts()[1]
         start = time.perf_counter()
         pieces, interrupted = [], False
+        options = self.options() if conversation is None else {**self.options(), "conversation": conversation}
         try:
-            for piece in api.generate(text, add_bos=not templated, stream=True, stats=stats, **self.options()):
-                pieces.append(piece)
-                self.console.write(piece)
+            with _ctrl_c_requests_a_stop() as stop:
+                for piece in api.generate(text, add_bos=not templated, stream=True, stats=stats, **options):
+                    pieces.append(piece)
+                    self.console.write(piece)
+                    if stop.requested:
+                        interrupted = True
+                        break
         except KeyboardInterrupt:
             interrupted = True
         if self.console.open_line:
@@ -438,6 +468,35 @@ class Session:
             f"{new} tokens in {seconds:.1f} s{speed} (prompt {prompt}, first token after {prefill:.2f} s{compiling})"
             + ("; interrupted" if interrupted else "")
         )
+
+
+class _StopRequest:
+    requested = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_requests_a_stop():
+    """While generating: the first Ctrl-C asks the answer to stop after the current token (so a
+    forward pass is never cut in half and the KV cache stays whole); a second one interrupts at
+    once (KeyboardInterrupt). Outside the main thread Ctrl-C keeps Python's behaviour."""
+    import signal
+
+    stop = _StopRequest()
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,9 +534,7 @@ def run_interactive(session, args, console):
     kind = "chat" if args.chat else "continuation (each line is continued on its own)"
     console.info(f"interactive {kind}: /reset starts over, /quit or Ctrl-D ends, Ctrl-C stops an answer")
     if args.chat:
-        console.info(
-            "each turn re-runs the whole conversation through the model (the KV cache is not kept between turns)"
-        )
+        console.detail("the conversation stays in the KV cache: each turn runs only its own new tokens")
     history = []
     while True:
         try:
@@ -489,6 +546,8 @@ def run_interactive(session, args, console):
             return 0
         if line.strip() == "/reset":
             history = []
+            if session.conversation is not None:
+                session.conversation.reset()
             console.info("conversation cleared" if args.chat else "nothing to clear (no history in continuation)")
             continue
         if line.strip().startswith("/") and line.strip().split()[0] in ("/help", "/?"):
@@ -497,9 +556,7 @@ def run_interactive(session, args, console):
         if not line.strip():
             continue
         if args.chat:
-            history.append({"role": "user", "content": line})
-            reply, _ = session.answer(session.render(history), templated=True)
-            history.append({"role": "assistant", "content": reply})
+            history = session.chat_turn(history, line)
         else:
             session.answer(line, templated=False)
 

@@ -8,6 +8,7 @@ One test (slow) runs the real Gemma 3 270M with --chat in a subprocess.
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -264,10 +265,69 @@ def test_interactive_chat_keeps_history_and_resets(main, tiny, prompts):
     assert len(prompts) == 3 and len(out.splitlines()) == 3  # one line per answer, nothing after /quit
     first, second, third = prompts
     assert first == "<bos><start_of_turn>user\nab<end_of_turn>\n<start_of_turn>model\n"
-    assert second.startswith(first) and second.endswith("<start_of_turn>user\nba<end_of_turn>\n<start_of_turn>model\n")
+    # the second turn passes only its own text: the first turn and its reply are in the KV cache
+    assert second == "<end_of_turn>\n<start_of_turn>user\nba<end_of_turn>\n<start_of_turn>model\n"
     assert third == "<bos><start_of_turn>user\nzz<end_of_turn>\n<start_of_turn>model\n"  # forgotten after /reset
     assert "built-in gemma" in err and err.count("chat template") == 1
     assert "conversation cleared" in err
+
+
+def test_interactive_chat_turns_from_the_cache_equal_rerunning_the_conversation(main, tiny, monkeypatch):
+    """Scripted chat: each turn's reply is what greedy generation gives on the whole conversation so
+    far (its ids) without a cache, and each turn prefills only its own tokens (the status line)."""
+    from minilm import conversation as conversation_module
+    from minilm.generation import generate
+
+    turns, real = [], conversation_module.Conversation.generate
+
+    def spy(self, new_ids, **options):
+        before = list(self.ids)
+        reply = []
+        turns.append((before, list(new_ids), reply, self.fed))
+        for token in real(self, new_ids, **options):
+            reply.append(token)
+            yield token
+
+    monkeypatch.setattr(conversation_module.Conversation, "generate", spy)
+    script = "ab\nba\nzz yy\nab ab ab\n"  # 4 turns: past the window of 4 many times over
+    status, out, err = main([*FAST, "--max-new-tokens", "6", "--model", str(tiny), "--chat"], stdin=script)
+    assert status == 0 and len(turns) == 4
+    model = api.load(tiny, backend="numpy")[0]
+    eos = api._eos_ids(model, api.load(tiny, backend="numpy")[1])
+    for index, (before, new_ids, reply, fed) in enumerate(turns):
+        expected = generate(model, np.array([before + new_ids]), max_new_tokens=6, eos_token_id=eos)[0]
+        assert reply == expected[len(before) + len(new_ids) :].tolist()[: len(reply)], f"turn {index + 1}"
+        assert fed == (0 if index == 0 else len(before) - 1)  # all but the last reply token were cached
+    prompt_sizes = [int(n) for n in re.findall(r"prompt (\d+) tokens?", err)]
+    assert prompt_sizes == [len(new_ids) + len(before) - fed for before, new_ids, _, fed in turns]
+
+
+def test_ctrl_c_in_chat_stops_after_the_token_and_keeps_the_cache(main, tiny, monkeypatch):
+    import signal
+
+    from minilm import conversation as conversation_module
+
+    real, pressed = conversation_module.Conversation.generate, []
+
+    def press_ctrl_c_once(self, new_ids, **options):
+        for token in real(self, new_ids, **options):
+            if not pressed:
+                pressed.append(token)
+                signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C while it computed
+            yield token
+
+    monkeypatch.setattr(conversation_module.Conversation, "generate", press_ctrl_c_once)
+    sessions, chat_turn = [], cli.Session.chat_turn
+
+    def remember_the_session(self, history, message):
+        sessions.append(self)
+        return chat_turn(self, history, message)
+
+    monkeypatch.setattr(cli.Session, "chat_turn", remember_the_session)
+    status, out, err = main([*FAST, "--max-new-tokens", "8", "--model", str(tiny), "--chat"], stdin="ab\nba\n")
+    assert status == 0 and "interrupted" in err and len(out.splitlines()) == 2  # the session went on
+    conversation = sessions[0].conversation
+    assert conversation.cache is not None and conversation.fed == len(conversation.ids) - 1  # whole, not dropped
 
 
 def test_no_prompt_means_interactive_continuation(main, tiny, prompts):
