@@ -320,7 +320,8 @@ class Session:
             what = path.name if path.is_file() else args.model
         self.path = path
         where = path.parent if path.is_file() else path
-        console.info(f"loading {what} from {where}{self._first_time_note(path)} ...")
+        where = "" if str(where) == str(what) else f" from {where}"  # a folder given as a path: said once
+        console.info(f"loading {what}{where}{self._first_time_note(path)} ...")
         console.detail(f"model file {path}; backend {self.backend}; dtype {args.dtype}")
         start = time.perf_counter()
         self.model, self.tokenizer = api.load(path, args.dtype, self.backend)
