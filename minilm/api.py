@@ -17,7 +17,7 @@ from . import ops
 from .errors import InputError
 from .generation import generate_tokens
 from .io.chat_templates import chat_template_for
-from .io.default_model import default_model_path
+from .io.default_model import default_model_parts
 from .io.load import from_pretrained, resolve_handle
 from .io.tokenizer import Tokenizer
 
@@ -41,7 +41,8 @@ def load(model=None, dtype="float32", backend=None):
     """(model, tokenizer) for a GGUF file, a Hugging Face folder, or None for the default model,
     its weights prepared for `backend` (`ops.prepare_weight`; default: the one `generate` runs on)."""
     backend = backend or _generate_backend()
-    path = resolve_model(model) if model is not None else default_model_path()  # a path, or hf://owner/name
+    # a path (hf://owner/name resolved), or the shipped model's part files, read in place
+    path = resolve_model(model) if model is not None else default_model_parts()
     key = (str(path), str(dtype), backend, os.environ.get("MINILM_KEEP_QUANTIZED"))
     if key not in _LOADED:
         with ops.use_backend(backend):  # the weights take the form this backend reads

