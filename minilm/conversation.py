@@ -14,10 +14,11 @@ Invariant between turns: the cache holds the keys/values of `ids[:fed]`; the ids
 keep a ring buffer of their window (`SlidingWindowCache`); a conversation longer than the window
 simply wraps it, exactly as a long single prompt does.
 
-Stopping a reply early (a stop condition, or the caller no longer asking for tokens) keeps the
-tokens already generated. An exception in the middle of a forward pass (a second Ctrl-C, an
-error) may leave some layers updated and others not, and a ring buffer cannot be rolled back:
-the cache is then dropped and the next turn runs the whole of `ids` again (same result, slower).
+Stopping a reply early (the caller no longer asking for tokens: Ctrl-C between two tokens, a
+stop string) keeps the tokens already generated, those that spelled the stop string included.
+An exception in the middle of a forward pass (a second Ctrl-C, an error) may leave some layers
+updated and others not, and a ring buffer cannot be rolled back: the cache is then dropped and
+the next turn runs the whole of `ids` again (same result, slower).
 
 A chat turn's text comes from the chat template: `text_after_reply` renders the conversation with
 a placeholder in place of the last reply and keeps what the template writes after it (for Gemma
