@@ -6,6 +6,8 @@
                          metadata and the tensors are dequantized under Hugging Face names (`gguf.py`);
                          the vocabulary becomes `model.tokenizer` (`tokenizer.py`)
     hf://owner/name      a folder of the local Hugging Face cache, found without the network
+    [part, part, ...]    a GGUF file stored as byte ranges in several files (the shipped model's
+                         part packages), read in place
 
 Which class a name stands for is looked up in `registry.py`; the model itself never knows where
 its weights came from.
