@@ -135,6 +135,7 @@ def main():
     OUT.mkdir(parents=True)
     model.save_pretrained(OUT)
     (OUT / "generation_config.json").unlink(missing_ok=True)  # minilm reads config.json only
+    (OUT / "model.safetensors").chmod(0o644)  # transformers writes it private (0600)
     tokenizer.save(str(OUT / "tokenizer.json"))
     settings = {
         "bos_token": "<bos>",
