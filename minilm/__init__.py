@@ -13,6 +13,7 @@ keras-hub-style API in `keras/`; text in / text out in `api.py` and `cli.py`.
 from . import ops
 from .api import generate
 from .cache import KVCache, SlidingWindowCache
+from .conversation import Conversation
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -68,6 +69,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "Conversation",
     "Gemma3Backbone",
     "Gemma3ForCausalLM",
     "Gemma3TextConfig",

@@ -17,7 +17,7 @@ from . import ops
 from .errors import InputError
 from .generation import generate_tokens
 from .io.chat_templates import chat_template_for
-from .io.default_model import default_model_path
+from .io.default_model import default_model_parts
 from .io.load import from_pretrained, resolve_handle
 from .io.tokenizer import Tokenizer
 
@@ -41,7 +41,8 @@ def load(model=None, dtype="float32", backend=None):
     """(model, tokenizer) for a GGUF file, a Hugging Face folder, or None for the default model,
     its weights prepared for `backend` (`ops.prepare_weight`; default: the one `generate` runs on)."""
     backend = backend or _generate_backend()
-    path = resolve_model(model) if model is not None else default_model_path()  # a path, or hf://owner/name
+    # a path (hf://owner/name resolved), or the shipped model's part files, read in place
+    path = resolve_model(model) if model is not None else default_model_parts()
     key = (str(path), str(dtype), backend, os.environ.get("MINILM_KEEP_QUANTIZED"))
     if key not in _LOADED:
         with ops.use_backend(backend):  # the weights take the form this backend reads
@@ -72,6 +73,7 @@ def generate(
     dtype="float32",
     stats=None,
     chat_template=None,
+    conversation=None,
 ):
     """Continue `prompt` (a string, or a list of strings for a batch) with a language model.
 
@@ -87,6 +89,9 @@ def generate(
     stop: a string or list of strings; generation ends at the first one (it is not returned).
     stream=True returns an iterator of text pieces (single prompt only).
     stats: a dict to fill with backend, prompt_tokens, new_tokens, prefill_s, decode_tokens_per_s.
+    conversation: a `minilm.Conversation` of the same model: `prompt` (one string: the text of a new
+      turn, e.g. from `conversation.text_after_reply`) is appended to it, only its tokens go through
+      the model (the earlier turns come from the KV cache), and the answer's tokens stay in it.
     Returns the generated text (a list of texts for a batch), without the prompt.
     Runs on the backend the program chose, else on `ops.FAST_CPU_BACKEND` (compiled CPU kernels).
     """
@@ -107,10 +112,15 @@ def generate(
         do_sample = bool((temperature or 0) > 0 or top_k or top_p is not None or min_p is not None)
     if temperature is None or (not isinstance(temperature, bool) and temperature == 0):
         temperature = 1.0  # unused: greedy
+    eos = _eos_ids(loaded, tokenizer)
+    if conversation is not None:
+        return _continue(conversation, loaded, tokenizer, texts, batched, add_bos and messages is None, eos, stops,
+                         stream, stats, backend, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
     ids, mask = _left_pad(
         [tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts], tokenizer.pad_token_id or 0
     )
-    eos = _eos_ids(loaded, tokenizer)
     tokens = generate_tokens(
         loaded,
         ids,
@@ -139,6 +149,23 @@ def generate(
             break
     results = [_cut_at_stop(_decode_until_eos(tokenizer, r, eos), stops)[0] for r in new]
     return results if batched else results[0]
+
+
+def _continue(conversation, model, tokenizer, texts, batched, add_bos, eos, stops, stream, stats, backend, **options):
+    """generate() for one more turn of a `Conversation`: the turn's ids are prefilled after the cache."""
+    if batched:
+        raise InputError("conversation= takes one prompt, not a batch")
+    if conversation.model is not model:
+        raise InputError("this conversation belongs to another model (or another dtype / backend of it)")
+    new_ids = tokenizer.encode(texts[0], add_bos=add_bos and not conversation.ids)
+    pending = len(conversation.ids) - conversation.fed  # ids of earlier turns not in the cache yet
+    columns = (np.array([t]) for t in conversation.generate(new_ids, stop_ids=eos, eos_token_id=eos, **options))
+    tokens = _on_backend(columns, backend)
+    if stats is not None:
+        stats["backend"] = backend
+        tokens = _timed(tokens, stats, len(new_ids) + pending)
+    pieces = _stream(tokens, tokenizer, eos, stops)
+    return pieces if stream else "".join(pieces)
 
 
 def _stop_strings(stop):

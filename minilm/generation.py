@@ -193,11 +193,19 @@ def generate_tokens(
     eos_token_id=None,
     pad_token_id=None,
     seed=None,
+    past_key_values=None,
+    state=None,
 ):
     """The generation loop as an iterator: yields each new column of tokens, (batch,) int64.
 
     Step 0 runs the whole prompt and fills the KV cache; every later step feeds only the token
     just chosen. Stopping early (stop strings, streaming) is just not asking for the next one.
+
+    past_key_values: a KV cache that already holds the first `past` positions of input_ids (a
+      conversation so far, transformers' convention): step 0 then runs only input_ids[:, past:].
+    state: a dict the loop keeps up to date after every forward pass: "past_key_values" (the
+      cache, which now holds every id fed so far) and "fed" (how many positions that is). The
+      token just yielded is not fed yet: the cache always ends one token short of the sequence.
     """
     input_ids = check_prompt_ids(input_ids)
     check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
@@ -219,11 +227,19 @@ def generate_tokens(
 
     sequences = input_ids.astype(np.int64)  # (batch, seq + generated so far), for the repetition penalty
     done = np.zeros(len(sequences), dtype=bool)
-    cache, step_ids = None, sequences
-    for _ in range(max_new_tokens):
+    cache, step_ids = past_key_values, sequences
+    if cache is not None:  # continue a conversation: only the positions the cache lacks go through the model
+        past = cache.get_seq_length()
+        if not 0 <= past < sequences.shape[1]:
+            raise InputError(
+                f"past_key_values holds {past} positions but input_ids has {sequences.shape[1]}: the cache must "
+                "hold a prefix of input_ids and leave at least one new token to run"
+            )
+        step_ids = sequences[:, past:]  # (batch, seq - past)
+    for step in range(max_new_tokens):
         if cache is not None and model.cache_is_stale(cache, sequences.shape[1]):
             cache, step_ids = None, sequences  # re-run everything (Phi-3 longrope crossing its original length)
-        if cache is None:  # the whole sequence: positions from the mask, so left padding shifts nothing
+        if cache is None or step == 0:  # positions from the mask, so left padding shifts nothing
             positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1] :]  # (batch, seq)
         else:  # one new token per row, never padding: the position after the previous one
             positions = positions[:, -1:] + 1  # (batch, 1), without a cumsum over the whole mask
@@ -236,6 +252,8 @@ def generate_tokens(
             logits_to_keep=1,
         )
         cache = out.past_key_values
+        if state is not None:
+            state.update(past_key_values=cache, fed=sequences.shape[1])
         logits = ops.to_host(out.logits[:, -1])  # (batch, vocab_size)
         if not np.isfinite(logits).all():
             raise NumericalError(

