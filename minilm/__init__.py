@@ -11,9 +11,11 @@ keras-hub-style API in `keras/`; text in / text out in `api.py` and `cli.py`.
 """
 
 from . import ops
+from .activations import capture, capture_names, intervene
 from .api import generate
 from .cache import KVCache, SlidingWindowCache
 from .errors import (
+    ActivationNameError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
@@ -57,6 +59,7 @@ from .models.qwen3_moe import (
 from .ops import get_backend, set_backend, use_backend
 
 __all__ = [
+    "ActivationNameError",
     "Backbone",
     "BloomBackbone",
     "BloomConfig",
@@ -92,10 +95,13 @@ __all__ = [
     "Qwen3MoeModel",
     "SlidingWindowCache",
     "UnknownArchitectureError",
+    "capture",
+    "capture_names",
     "default_model",
     "from_pretrained",
     "generate",
     "get_backend",
+    "intervene",
     "ops",
     "set_backend",
     "use_backend",
