@@ -10,7 +10,7 @@ heads, generation) and in `models/` (one file per family); file formats in `io/`
 keras-hub-style API in `keras/`; text in / text out in `api.py` and `cli.py`.
 """
 
-from . import ops
+from . import course, ops
 from .activations import capture, capture_names, intervene
 from .api import generate
 from .cache import KVCache, SlidingWindowCache
@@ -97,6 +97,7 @@ __all__ = [
     "UnknownArchitectureError",
     "capture",
     "capture_names",
+    "course",
     "default_model",
     "from_pretrained",
     "generate",
