@@ -33,8 +33,9 @@ the measured cost). Inside a block, a tapped name that a pattern matches is firs
 Inside attention. The scores and weights live inside `ops.attention`, which the Numba and CuPy
 kernels compute without ever storing scores. When a block asks for `scores`, `scores_masked` or
 `attn_weights` of a layer, that layer's attention runs the NumPy reference
-(`ops.attention_reference`) on the array module that holds its inputs (CuPy arrays on the GPU),
-which taps them. Its result equals the kernel's to float32 rounding.
+(`ops.attention_reference`, which taps them) on host copies of q, k, v, and its output goes back
+where the model runs (the GPU for CuPy). It equals the kernel's to float32 rounding. No other
+name changes which code runs.
 
 Several forward passes (generate). Every forward pass inside the block adds one array per name:
 `acts[name]` is the array of the last pass, `acts.all(name)` the list of every pass in order
@@ -57,8 +58,9 @@ import numpy as np
 
 from .errors import ActivationNameError, InputError
 
-# The active capture / intervene blocks, outermost first. Empty: `tap` returns at once.
-_hooks = []
+# The active capture / intervene blocks, outermost first. Empty: `tap` returns at once (and `ops.attention`
+# runs its backend without asking `wants`).
+hooks = []
 
 # First components that name a head's base model in checkpoints, not a module of it.
 BASE_MODEL_PREFIXES = ("model", "transformer")
@@ -73,7 +75,7 @@ def tap(p, quantity, x):
     """The quantity `quantity` of the module whose weights are `p`, e.g. tap(p, "queries_rope", q).
     Returns x itself unless a `capture` / `intervene` block is active (then maybe a replacement).
     p=None (a caller that names no module, e.g. a kernel's fallback to the reference) taps nothing."""
-    if not _hooks or p is None:  # the only cost when nothing is captured: the first check
+    if not hooks or p is None:  # the only cost when nothing is captured: the first check
         return x
     return _tapped(name_of(p, quantity), x)
 
@@ -81,13 +83,13 @@ def tap(p, quantity, x):
 def wants(p, *quantities):
     """Does an active block ask for one of these quantities of module `p`? (ops.attention asks
     before it lets a kernel compute what it cannot tap.) The names count as offered either way."""
-    if not _hooks or p is None:
+    if not hooks or p is None:
         return False
     names = [name_of(p, q) for q in quantities]
-    for hook in _hooks:
+    for hook in hooks:
         for name in names:
             hook.saw(name)
-    return any(hook.matches(name) for hook in _hooks for name in names)
+    return any(hook.matches(name) for hook in hooks for name in names)
 
 
 def name_of(p, quantity):
@@ -103,12 +105,12 @@ def canonical(name):
 
 
 def _tapped(name, x):
-    for hook in _hooks:
+    for hook in hooks:
         hook.saw(name)
-    for hook in _hooks:  # replacements first, so that every capture records what flows on
+    for hook in hooks:  # replacements first, so that every capture records what flows on
         if isinstance(hook, _Intervention):
             x = hook.replace(name, x)
-    for hook in _hooks:
+    for hook in hooks:
         if isinstance(hook, _Capture):
             hook.record(name, x)
     return x
@@ -287,11 +289,11 @@ def capture(*patterns):
     if not patterns:
         raise InputError('capture needs at least one name or pattern (capture("**") records every activation)')
     hook = _Capture(patterns)
-    _hooks.append(hook)
+    hooks.append(hook)
     try:
         yield hook.activations
     finally:
-        _hooks.remove(hook)
+        hooks.remove(hook)
     hook.check("capture")
 
 
@@ -311,24 +313,26 @@ def intervene(replacements):
     A capture active at the same time records the replaced values. Every pattern must match a name
     by the end of the block, else ActivationNameError."""
     hook = _Intervention(replacements)
-    _hooks.append(hook)
+    hooks.append(hook)
     try:
         yield
     finally:
-        _hooks.remove(hook)
+        hooks.remove(hook)
     hook.check("intervene")
 
 
 def capture_names(model):
     """Every activation name `model` offers, in the order its forward pass computes them.
     Runs the model once on two tokens (id 0); the attention scores are included (the reference
-    attention computes them when asked, see the module docstring)."""
+    attention computes them when asked, see the module docstring). A keras-hub-style backbone
+    offers the names of its base model (`backbone.model`)."""
     hook = _Capture(["**"], record_all=True)
-    _hooks.append(hook)
+    runner = model.model if hasattr(model, "token_embedding") else model  # keras-hub style: the base model
+    hooks.append(hook)
     try:
-        model(np.zeros((1, 2), np.int64))
+        runner(np.zeros((1, 2), np.int64))
     finally:
-        _hooks.remove(hook)
+        hooks.remove(hook)
     return list(hook.seen)
 
 

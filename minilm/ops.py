@@ -24,8 +24,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import nn
-from .activations import tap, wants
+from . import activations, nn
+from .activations import tap
 from .errors import ConfigError
 from .io.quants import QuantizedWeight
 
@@ -198,7 +198,7 @@ def linear(x, weight, bias=None):
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False, p=None):
     """p: the attention module's weights. When a `minilm.capture` / `intervene` block asks for its
     scores or weights, which the kernels never store, the reference computes this call (on the host)."""
-    if wants(p, *ATTENTION_TAPS):
+    if activations.hooks and activations.wants(p, *ATTENTION_TAPS):
         return attention_tapped(
             q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, p=p, return_weights=return_weights
         )

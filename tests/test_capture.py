@@ -252,15 +252,15 @@ def test_no_tap_is_left_after_a_block_even_after_an_exception():
         with minilm.capture("logits"), minilm.intervene({"layers.0.output": lambda x: x * 0}):
             model(IDS)
             raise RuntimeError("boom")
-    assert activations._hooks == []
+    assert activations.hooks == []
     with pytest.raises(minilm.ActivationNameError):
         with minilm.capture("logits", "layers.0.outptu"):
             model(IDS)
-    assert activations._hooks == []
+    assert activations.hooks == []
     with pytest.raises(minilm.InputError, match="keep the shape"):
         with minilm.intervene({"layers.0.output": lambda x: x[:, :1]}):
             model(IDS)
-    assert activations._hooks == []
+    assert activations.hooks == []
     np.testing.assert_array_equal(model(IDS).logits, clean)  # the intervention is gone
 
 
@@ -299,7 +299,7 @@ def test_unknown_names_are_refused_with_close_matches():
             pass
     with pytest.raises(minilm.InputError):
         minilm.intervene({"logits": 0}).__enter__()
-    assert activations._hooks == []
+    assert activations.hooks == []
 
 
 def test_names_follow_the_checkpoint_paths():
@@ -309,7 +309,7 @@ def test_names_follow_the_checkpoint_paths():
     assert names[0] == "embed_tokens.output" and names[-1] == "logits"
     assert len(names) == len(set(names))
     assert {activations.name_of(blocks(model)[i].mlp, "output") for i in range(3)} <= set(names)
-    assert activations._hooks == []
+    assert activations.hooks == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,3 +352,24 @@ def test_the_docs_example_runs(monkeypatch):
     namespace = {}
     exec(compile(block, "docs/activations.md", "exec"), namespace)
     assert namespace["acts"]["layers.0.mlp.router_probs"].shape == (6, 8)
+
+
+def test_scores_masked_are_soft_capped_when_the_model_caps():
+    model = load("gemma3_causal_lm", "numpy")
+    model.config.apply_attn_logit_softcapping, model.config.attn_logit_softcapping = True, 0.05  # keras-hub's rule
+    with minilm.capture("layers.2.self_attn.scores*") as acts:  # a global layer: every earlier key visible
+        model(IDS[1:])
+    scores, masked = acts["layers.2.self_attn.scores"], acts["layers.2.self_attn.scores_masked"]
+    visible = np.tril(np.ones((6, 6), bool))
+    close(np.where(visible, masked, 0), np.where(visible, 0.05 * np.tanh(scores / 0.05), 0))
+    assert np.abs(scores).max() > 0.1  # the cap changes something
+
+
+def test_a_keras_hub_backbone_offers_its_base_models_names():
+    backbone = minilm.Backbone.from_preset(FIXTURES / "qwen3_moe_base")
+    names = minilm.capture_names(backbone)
+    assert names[0] == "embed_tokens.output" and names[-1] == "norm.output"
+    inputs = {"token_ids": IDS[1:], "padding_mask": MASK[1:]}
+    with minilm.capture("norm.output") as acts:
+        hidden = backbone(inputs)
+    np.testing.assert_array_equal(acts["norm.output"], hidden)
