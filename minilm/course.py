@@ -412,7 +412,7 @@ _value(
     "number",
     "8 experts, top_k = 2. The router has collapsed: every token gives experts 0 and 1 probability "
     "0.5 each and the others 0. What is the load-balancing loss (before router_aux_loss_coef)?",
-    "num_experts * sum over experts of (fraction of routed slots it receives) * (its mean "
+    "num_experts * sum over experts of (fraction of tokens that choose it) * (its mean "
     "probability); `qwen3_moe.load_balancing_loss` computes it from logits.",
     "a2da527236e5be2eb87561c877dea113",
     tol=0.01,
