@@ -148,8 +148,9 @@ assert not np.allclose(weights[0, 0], weights[0, 1])
 # %% [markdown]
 # Which heads matter for this answer? `minilm.intervene` replaces a captured tensor during the
 # forward pass: here each layer's attention output is zeroed in turn, and we measure the
-# probability of `" Paris"` as the next token. A big drop means the layer's attention carries the
-# fact; most layers can be removed with little change.
+# probability of `" Paris"` as the next token. A big drop means the answer depends on what that
+# layer's attention moves between tokens: a few layers are essential (the answer almost vanishes
+# without them), others matter little.
 
 # %%
 paris = tokenizer.encode(" Paris", add_bos=False)[0]
@@ -163,6 +164,7 @@ plt.bar(
     range(config.num_hidden_layers), drops, color=["C3" if t == "full_attention" else "C0" for t in config.layer_types]
 )
 plt.axhline(base, color="k", ls="--", label=f"no ablation: {base:.2f}")
+plt.xticks(range(config.num_hidden_layers))
 plt.xlabel("layer whose attention is zeroed (red: global layers)")
 plt.ylabel("P(' Paris')")
 plt.legend()
