@@ -373,3 +373,33 @@ def test_a_keras_hub_backbone_offers_its_base_models_names():
     with minilm.capture("norm.output") as acts:
         hidden = backbone(inputs)
     np.testing.assert_array_equal(acts["norm.output"], hidden)
+
+
+@pytest.mark.slow  # needs the real Gemma 3 270M GGUF
+def test_real_model_captures_while_generating():
+    """The shipped model under its default backend: the captured logits of each generate step pick
+    transformers' greedy ids, the residual stream after the last layer, normed, is the final norm's
+    output, and every attention row sums to one over every key so far."""
+    import json
+
+    from minilm import default_model
+
+    reference = json.loads((FIXTURES / "gemma3_270m_reference.json").read_text())
+    case = next(c for c in reference["generation"]["cases"] if c["name"] == "capital")
+    prompt = np.array([case["input_ids"]])
+    with ops.use_backend("numba"):
+        model = minilm.from_pretrained(default_model.default_model_path())
+        cfg = model.config
+        last = f"layers.{cfg.num_hidden_layers - 1}.output"
+        with minilm.capture("logits", "layers.*.self_attn.attn_weights", last, "norm.output") as acts:
+            ids = model.generate(prompt, max_new_tokens=3)
+    assert ids[0, prompt.shape[1] :].tolist() == case["new_ids"][:3]
+    assert [int(s[0, -1].argmax()) for s in acts.all("logits")] == case["new_ids"][:3]
+    final = model.params.model.norm.weight
+    close(gemma_rms_norm(acts.all(last)[0], ops.to_host(final), cfg.rms_norm_eps), acts.all("norm.output")[0])
+    n = prompt.shape[1]  # shorter than the sliding window: every layer sees every key
+    for i in range(cfg.num_hidden_layers):
+        steps = acts.all(f"layers.{i}.self_attn.attn_weights")
+        assert [w.shape[2:] for w in steps] == [(n, n), (1, n + 1), (1, n + 2)]
+        for weights in steps:
+            close(weights.sum(-1), np.ones(weights.shape[:-1]))
