@@ -88,6 +88,7 @@ for ax, (name, d) in zip(axes, dists.items(), strict=True):
     ax.set_title(name)
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([tokenizer.decode([i]) for i in shown], rotation=90, fontsize=7)
+    ax.set_xlabel("next token (the 15 most likely at T = 1)", fontsize=8)
 axes[0].set_ylabel("probability")
 plt.show()
 kept = {name: np.flatnonzero(np.isfinite(v[0])) for name, v in variants.items()}
