@@ -181,7 +181,8 @@ def bloom_block(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     h = residual + attn_out
     normed = nn.layer_norm(h, p.post_attention_layernorm.weight, p.post_attention_layernorm.bias, eps)
     residual = normed if cfg.apply_residual_connection_post_layernorm else h
-    return residual + tap(p.mlp, "output", mlp(normed, p.mlp)), weights
+    ffn_out = tap(p.mlp, "output", mlp(normed, p.mlp))  # (batch, seq, hidden_size)
+    return residual + ffn_out, weights
 
 
 def bloom_model(

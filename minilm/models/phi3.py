@@ -178,7 +178,8 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
     attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, mask, cache, output_attentions)
     attn_out = tap(p.self_attn, "output", attn_out)  # (batch, seq, hidden_size)
     h = x + attn_out
-    ffn_out = tap(p.mlp, "output", mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg))
+    ffn_out = mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg)
+    ffn_out = tap(p.mlp, "output", ffn_out)  # (batch, seq, hidden_size)
     return h + ffn_out, weights
 
 
