@@ -10,11 +10,13 @@ heads, generation) and in `models/` (one file per family); file formats in `io/`
 keras-hub-style API in `keras/`; text in / text out in `api.py` and `cli.py`.
 """
 
-from . import ops
+from . import course, ops
+from .activations import capture, capture_names, intervene
 from .api import generate
 from .cache import KVCache, SlidingWindowCache
 from .conversation import Conversation
 from .errors import (
+    ActivationNameError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
@@ -58,6 +60,7 @@ from .models.qwen3_moe import (
 from .ops import get_backend, set_backend, use_backend
 
 __all__ = [
+    "ActivationNameError",
     "Backbone",
     "BloomBackbone",
     "BloomConfig",
@@ -94,10 +97,14 @@ __all__ = [
     "Qwen3MoeModel",
     "SlidingWindowCache",
     "UnknownArchitectureError",
+    "capture",
+    "capture_names",
+    "course",
     "default_model",
     "from_pretrained",
     "generate",
     "get_backend",
+    "intervene",
     "ops",
     "set_backend",
     "use_backend",

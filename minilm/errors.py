@@ -36,3 +36,8 @@ class CheckpointNotFoundError(MinilmError, FileNotFoundError):
 class NumericalError(MinilmError, ArithmeticError):
     """A forward pass produced NaN or infinite values where there must be numbers, e.g. logits of
     a model run in float16 whose activations overflow (float32 or bfloat16 have the range)."""
+
+
+class ActivationNameError(MinilmError, LookupError):
+    """An activation name or pattern (`minilm.capture`, `minilm.intervene`) that names nothing the
+    forward pass computed; the message lists the closest names."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import generation, nn, ops
+from .activations import tap
 from .errors import InputError
 from .modeling import ModelOutput, PreTrainedModel, with_prefix
 
@@ -183,6 +184,7 @@ class ForCausalLM(HeadModel):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # only the last positions (generation needs one)
         logits = self.compute_logits(hidden)
+        logits = tap(self.params, "logits", logits)  # (batch, seq, vocab_size): after any soft cap
         loss = causal_lm_loss(ops.to_host(logits), labels) if labels is not None else None
         return ModelOutput(
             loss=loss,

@@ -56,7 +56,11 @@ class ModelOutput:
 
 
 class Params(dict):
-    """A dict with attribute access: `p.self_attn.q_proj.weight`. Numbered children are lists."""
+    """A dict with attribute access: `p.self_attn.q_proj.weight`. Numbered children are lists.
+    `p.path` is the node's checkpoint path ("model.layers.3.self_attn", set by `nest`): the
+    name of its activations (`minilm.capture`)."""
+
+    path = ""
 
     def __getattr__(self, name):
         try:
@@ -77,13 +81,15 @@ def nest(flat):
     return _lists_for_numbers(root)
 
 
-def _lists_for_numbers(node):
+def _lists_for_numbers(node, path=""):
     if not isinstance(node, Params):
         return node
-    children = {k: _lists_for_numbers(v) for k, v in node.items()}
+    children = {k: _lists_for_numbers(v, f"{path}.{k}" if path else k) for k, v in node.items()}
     if children and all(k.isdigit() for k in children):
         return [children[str(i)] for i in range(len(children))]
-    return Params(children)
+    params = Params(children)
+    params.path = path
+    return params
 
 
 def flatten(tree, prefix=""):

@@ -24,7 +24,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import fusion, nn
+from . import activations, fusion, nn
+from .activations import tap
 from .errors import ConfigError
 from .io.quants import QuantizedWeight
 
@@ -41,7 +42,7 @@ def linear_reference(x, weight, bias=None):
     return y
 
 
-def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
+def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False, p=None):
     """Scaled dot-product attention with grouped-query heads.
 
     scores = soft_cap(q k^T * scale) + bias, then -inf where `mask` is False, softmax over keys,
@@ -53,6 +54,7 @@ def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, 
 
     A query row whose keys are all masked (a left-padding query) attends uniformly to every key,
     exactly what transformers' additive mask (finfo.min on every score) produces; never NaN.
+    p: the attention module's weights, which name its taps (`minilm.capture`); None taps nothing.
     Returns (output (batch, num_heads, seq, head_dim), weights (batch, num_heads, seq, kv_seq) or None).
     """
     b, num_heads, seq, head_dim = q.shape
@@ -62,6 +64,7 @@ def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, 
     qg = q.reshape(b, num_kv_heads, groups, seq, head_dim)  # (batch, num_kv_heads, groups, seq, head_dim)
     scores = qg @ k[:, :, None].swapaxes(-1, -2)  # (batch, num_kv_heads, groups, seq, kv_seq)
     scores = scores.reshape(b, num_heads, seq, kv_seq) * np.asarray(scale, dtype=q.dtype)
+    scores = tap(p, "scores", scores)  # q k^T * scale: before the soft cap, the bias and the mask
     if soft_cap is not None:
         scores = nn.soft_cap(scores, np.asarray(soft_cap, dtype=scores.dtype))
     if bias is not None:
@@ -71,7 +74,9 @@ def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, 
         scores = np.where(mask, scores, -np.inf)
         nothing_visible = ~np.any(mask, axis=-1, keepdims=True)  # (batch|1, 1, seq, 1)
         scores = np.where(nothing_visible, 0.0, scores)  # uniform weights, as transformers gives
+    scores = tap(p, "scores_masked", scores)  # what the softmax sees: capped, biased, -inf where masked
     weights = nn.softmax(scores, axis=-1).astype(q.dtype, copy=False)  # (batch, num_heads, seq, kv_seq)
+    weights = tap(p, "attn_weights", weights)
     wg = weights.reshape(b, num_kv_heads, groups, seq, kv_seq)
     out = (wg @ v[:, :, None]).reshape(b, num_heads, seq, head_dim)  # (batch, num_heads, seq, head_dim)
     return out, (weights if return_weights else None)
@@ -202,8 +207,27 @@ def linear(x, weight, bias=None):
     return _impl("linear")(x, weight, bias)
 
 
-def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
+def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False, p=None):
+    """p: the attention module's weights. When a `minilm.capture` / `intervene` block asks for its
+    scores or weights, which the kernels never store, the reference computes this call (on the host)."""
+    if activations.hooks and activations.wants(p, *ATTENTION_TAPS):
+        return attention_tapped(
+            q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, p=p, return_weights=return_weights
+        )
     return _impl("attention")(q, k, v, mask, scale=scale, bias=bias, soft_cap=soft_cap, return_weights=return_weights)
+
+
+ATTENTION_TAPS = ("scores", "scores_masked", "attn_weights")  # the quantities inside attention
+
+
+def attention_tapped(q, k, v, mask, *, scale, bias, soft_cap, p, return_weights):
+    """The reference attention with its taps, on host copies of the inputs (any backend); the
+    results go back where q lives."""
+    host = [to_host(a) for a in (q, k, v, mask, bias)]
+    out, weights = attention_reference(
+        *host[:4], scale=scale, bias=host[4], soft_cap=soft_cap, return_weights=True, p=p
+    )
+    return like(out, q), (like(weights, q) if return_weights else None)
 
 
 def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):

@@ -2,7 +2,7 @@
 becomes notebooks/NN_name.ipynb, executed top to bottom so that the committed notebook shows its outputs and plots.
 
     python scripts/build_notebooks.py                   # every notebook
-    python scripts/build_notebooks.py 02_positions      # only the ones named
+    python scripts/build_notebooks.py 04_positions      # only the ones named
     python scripts/build_notebooks.py --check           # only check that every .ipynb has the cells of its .py
 """
 
@@ -58,7 +58,7 @@ def build(source):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help="notebooks to build, e.g. 02_positions (default: all)")
+    parser.add_argument("names", nargs="*", help="notebooks to build, e.g. 04_positions (default: all)")
     parser.add_argument("--check", action="store_true", help="only check that each .ipynb matches its .py")
     args = parser.parse_args()
     if args.check:

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from .. import nn, ops
+from ..activations import tap
 from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
@@ -148,20 +149,20 @@ def self_attention(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     qkv = ops.linear(x, w.reshape(3 * hidden, hidden), b_qkv.reshape(3 * hidden))  # (batch, seq, 3 * hidden_size)
     qkv = qkv.reshape(b, s, h, 3, d).transpose(3, 0, 2, 1, 4)  # (3, batch, num_heads, seq, head_dim)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (batch, num_heads, seq, head_dim) each
+    q, k, v = tap(p, "queries", q), tap(p, "keys", k), tap(p, "values", v)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # (batch, num_heads, kv_seq, head_dim)
     # scores = q k^T / sqrt(head_dim) + slope_h * key position, then the causal / padding mask
-    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, bias=alibi, return_weights=output_attentions)
+    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, bias=alibi, return_weights=output_attentions, p=p)
+    out = tap(p, "attn_output_heads", out)  # (batch, num_heads, seq, head_dim): each head's output, before dense
     return ops.linear(nn.merge_heads(out), p.dense.weight, p.dense.bias), weights
 
 
 def mlp(x, p):
     """dense_4h_to_h(gelu_tanh(dense_h_to_4h(x))). (..., hidden_size) -> (..., hidden_size)"""
-    return ops.linear(
-        nn.gelu_tanh(ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias)),
-        p.dense_4h_to_h.weight,
-        p.dense_4h_to_h.bias,
-    )
+    hidden = nn.gelu_tanh(ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias))  # (..., 4 * hidden_size)
+    hidden = tap(p, "intermediate", hidden)
+    return ops.linear(hidden, p.dense_4h_to_h.weight, p.dense_4h_to_h.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +177,12 @@ def bloom_block(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     normed = nn.layer_norm(x, p.input_layernorm.weight, p.input_layernorm.bias, eps)
     residual = normed if cfg.apply_residual_connection_post_layernorm else x
     attn_out, weights = self_attention(normed, p.self_attention, cfg, layer_idx, alibi, mask, cache, output_attentions)
+    attn_out = tap(p.self_attention, "output", attn_out)  # (batch, seq, hidden_size)
     h = residual + attn_out
     normed = nn.layer_norm(h, p.post_attention_layernorm.weight, p.post_attention_layernorm.bias, eps)
     residual = normed if cfg.apply_residual_connection_post_layernorm else h
-    return residual + mlp(normed, p.mlp), weights
+    ffn_out = tap(p.mlp, "output", mlp(normed, p.mlp))  # (batch, seq, hidden_size)
+    return residual + ffn_out, weights
 
 
 def bloom_model(
@@ -207,19 +210,24 @@ def bloom_model(
         use_cache,
     )
     x = inputs.embed(p.word_embeddings.weight)  # (batch, seq, hidden_size)
+    x = tap(p.word_embeddings, "output", x)
     x = nn.layer_norm(x, p.word_embeddings_layernorm.weight, p.word_embeddings_layernorm.bias, cfg.layer_norm_epsilon)
+    x = tap(p.word_embeddings_layernorm, "output", x)
     keys = inputs.attention_mask
     if keys is None:
         keys = np.ones((inputs.batch, inputs.past + inputs.seq), np.int64)  # every key is a token
     alibi = inputs.place(alibi_bias(keys, cfg.n_head).astype(x.dtype))  # (batch, num_heads, 1, kv_seq)
+    alibi = tap(p, "alibi", alibi)  # the bias every layer adds to its scores
     mask = inputs.mask()  # (batch or 1, 1, seq, kv_seq)
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.h):
         all_hidden.append(x)
         x, weights = bloom_block(x, layer, cfg, layer_idx, alibi, mask, inputs.cache, output_attentions)
+        x = tap(layer, "output", x)  # the residual stream after this block
         all_attentions.append(weights)
     x = nn.layer_norm(x, p.ln_f.weight, p.ln_f.bias, cfg.layer_norm_epsilon)  # (batch, seq, hidden_size)
+    x = tap(p.ln_f, "output", x)
     all_hidden.append(x)
     return inputs.output(
         x,

@@ -31,6 +31,7 @@ import dataclasses
 import numpy as np
 
 from .. import nn, ops
+from ..activations import tap
 from ..cache import SlidingWindowCache
 from ..config import PretrainedConfig, check_layer_count, check_positive
 from ..errors import ConfigError
@@ -229,15 +230,19 @@ def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     v = ops.linear(x, p.v_proj.weight, p.v_proj.get("bias"))  # (batch, seq, num_kv_heads * head_dim)
     q = nn.split_heads(q, h, d)  # (batch, num_heads, seq, head_dim)
     k, v = nn.split_heads(k, kvh, d), nn.split_heads(v, kvh, d)  # (batch, num_kv_heads, seq, head_dim) each
+    q, k, v = tap(p, "queries", q), tap(p, "keys", k), tap(p, "values", v)
     if cfg.use_query_key_norm:  # QK-norm: Gemma's RMSNorm over head_dim, per head
         q = gemma_rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps)
         k = gemma_rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps)
+        q, k = tap(p, "queries_normed", q), tap(p, "keys_normed", k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = tap(p, "queries_rope", q), tap(p, "keys_rope", k)
     if inputs.cache is not None:
         k, v = inputs.cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
     mask = inputs.mask(cfg.layer_window(layer_idx), k.shape[2])  # (batch or 1, 1, seq, kv_seq): the keys returned
     scale, cap = cfg.query_pre_attn_scalar**-0.5, cfg.attention_soft_cap
-    out, weights = ops.attention(q, k, v, mask, scale=scale, soft_cap=cap, return_weights=output_attentions)
+    out, weights = ops.attention(q, k, v, mask, scale=scale, soft_cap=cap, return_weights=output_attentions, p=p)
+    out = tap(p, "attn_output_heads", out)  # (batch, num_heads, seq, head_dim): each head's output, before o_proj
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
 
 
@@ -249,7 +254,9 @@ def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
 def mlp(x, p, cfg):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x)). (..., hidden_size) -> (..., hidden_size)"""
     act = nn.activation(cfg.hidden_activation)
-    return ops.linear(act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight), p.down_proj.weight)
+    hidden = act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight)  # (..., intermediate_size)
+    hidden = tap(p, "intermediate", hidden)
+    return ops.linear(hidden, p.down_proj.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +269,12 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     eps = cfg.rms_norm_eps
     normed = gemma_rms_norm(x, p.input_layernorm.weight, eps)  # (batch, seq, hidden_size)
     attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, inputs, output_attentions)
+    attn_out = tap(p.self_attn, "output", attn_out)  # (batch, seq, hidden_size), before the post-attention norm
     if cfg.use_post_attention_norm:
         attn_out = gemma_rms_norm(attn_out, p.post_attention_layernorm.weight, eps)
     h = x + attn_out
     ffn_out = mlp(gemma_rms_norm(h, p.pre_feedforward_layernorm.weight, eps), p.mlp, cfg)
+    ffn_out = tap(p.mlp, "output", ffn_out)  # (batch, seq, hidden_size), before the post-feedforward norm
     if cfg.use_post_ffw_norm:
         ffn_out = gemma_rms_norm(ffn_out, p.post_feedforward_layernorm.weight, eps)
     return h + ffn_out, weights
@@ -303,6 +312,7 @@ def gemma3_model(
         new_cache=make_cache,
     )
     x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size)
+    x = tap(p.embed_tokens, "output", x)  # the scaled embeddings
     seq_len = int(np.max(inputs.position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
     rope = {
         kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))
@@ -314,8 +324,10 @@ def gemma3_model(
         all_hidden.append(x)
         cos, sin = rope[cfg.layer_types[layer_idx]]
         x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, inputs, output_attentions)
+        x = tap(layer, "output", x)  # the residual stream after this layer
         all_attentions.append(weights)
     x = gemma_rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    x = tap(p.norm, "output", x)
     all_hidden.append(x)
     return inputs.output(
         x,

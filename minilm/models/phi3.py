@@ -38,6 +38,7 @@ import dataclasses
 import numpy as np
 
 from .. import nn, ops
+from ..activations import tap
 from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
@@ -148,17 +149,22 @@ def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     q = nn.split_heads(ops.linear(x, p.q_proj.weight), h, d)  # (batch, num_heads, seq, head_dim)
     k = nn.split_heads(ops.linear(x, p.k_proj.weight), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
     v = nn.split_heads(ops.linear(x, p.v_proj.weight), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    q, k, v = tap(p, "queries", q), tap(p, "keys", k), tap(p, "values", v)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the first rope_dim dimensions rotate
+    q, k = tap(p, "queries_rope", q), tap(p, "keys_rope", k)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
-    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, return_weights=output_attentions)
+    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, return_weights=output_attentions, p=p)
+    out = tap(p, "attn_output_heads", out)  # (batch, num_heads, seq, head_dim): each head's output, before o_proj
     return ops.linear(nn.merge_heads(out), p.o_proj.weight), weights
 
 
 def mlp(x, p, cfg):
     """Gated MLP (SwiGLU): down(act(gate(x)) * up(x)). (..., hidden_size) -> (..., hidden_size)"""
     act = nn.activation(cfg.hidden_act)
-    return ops.linear(act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight), p.down_proj.weight)
+    hidden = act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight)  # (..., intermediate_size)
+    hidden = tap(p, "intermediate", hidden)
+    return ops.linear(hidden, p.down_proj.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +176,11 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
     """Pre-norm residual block: h = x + attn(norm(x)), then h + mlp(norm(h))."""
     normed = nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, mask, cache, output_attentions)
+    attn_out = tap(p.self_attn, "output", attn_out)  # (batch, seq, hidden_size)
     h = x + attn_out
-    return h + mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg), weights
+    ffn_out = mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg)
+    ffn_out = tap(p.mlp, "output", ffn_out)  # (batch, seq, hidden_size)
+    return h + ffn_out, weights
 
 
 def phi3_model(
@@ -191,6 +200,7 @@ def phi3_model(
         cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache
     )
     x = inputs.embed(p.embed_tokens.weight)  # (batch, seq, hidden_size)
+    x = tap(p.embed_tokens, "output", x)
     cos, sin = rope_for_positions(cfg, inputs.position_ids)  # (batch, seq, rope_dim); longrope: short or long set
     cos, sin = inputs.place(cos), inputs.place(sin)
     mask = inputs.mask(cfg.sliding_window)  # (batch or 1, 1, seq, past + seq)
@@ -199,8 +209,10 @@ def phi3_model(
     for layer_idx, layer in enumerate(p.layers):
         all_hidden.append(x)
         x, weights = decoder_layer(x, layer, cfg, layer_idx, cos, sin, mask, inputs.cache, output_attentions)
+        x = tap(layer, "output", x)  # the residual stream after this layer
         all_attentions.append(weights)
     x = nn.rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    x = tap(p.norm, "output", x)
     all_hidden.append(x)
     return inputs.output(
         x,

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import nn, ops
+from ..activations import tap
 from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
@@ -124,12 +125,16 @@ def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     v = ops.linear(x, p.v_proj.weight, p.v_proj.get("bias"))  # (batch, seq, num_kv_heads * head_dim)
     q = nn.split_heads(q, h, d)  # (batch, num_heads, seq, head_dim)
     k, v = nn.split_heads(k, kvh, d), nn.split_heads(v, kvh, d)  # (batch, num_kv_heads, seq, head_dim) each
+    q, k, v = tap(p, "queries", q), tap(p, "keys", k), tap(p, "values", v)
     q = nn.rms_norm(q, p.q_norm.weight, cfg.rms_norm_eps)  # QK-norm: RMSNorm over head_dim, per head
     k = nn.rms_norm(k, p.k_norm.weight, cfg.rms_norm_eps)
+    q, k = tap(p, "queries_normed", q), tap(p, "keys_normed", k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = tap(p, "queries_rope", q), tap(p, "keys_rope", k)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # (batch, num_kv_heads, kv_seq, head_dim)
-    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, return_weights=output_attentions)
+    out, weights = ops.attention(q, k, v, mask, scale=d**-0.5, return_weights=output_attentions, p=p)
+    out = tap(p, "attn_output_heads", out)  # (batch, num_heads, seq, head_dim): each head's output, before o_proj
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
 
 
@@ -141,7 +146,9 @@ def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
 def mlp(x, p, cfg):
     """Gated MLP (SwiGLU): down(act(gate(x)) * up(x)). (..., hidden_size) -> (..., hidden_size)"""
     act = nn.activation(cfg.hidden_act)
-    return ops.linear(act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight), p.down_proj.weight)
+    hidden = act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight)  # (..., intermediate_size)
+    hidden = tap(p, "intermediate", hidden)
+    return ops.linear(hidden, p.down_proj.weight)
 
 
 def top_k_experts(probs, top_k):
@@ -150,13 +157,14 @@ def top_k_experts(probs, top_k):
     return np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
 
 
-def route(router_logits, top_k, norm_topk_prob):
+def route(router_logits, top_k, norm_topk_prob, p=None):
     """Pick each token's top-k experts: softmax over ALL experts (float32), then top-k,
-    renormalised to sum to one only when norm_topk_prob.
+    renormalised to sum to one only when norm_topk_prob. (p: the MoE block's weights, naming its taps.)
 
     router_logits: (tokens, num_experts) -> indices (tokens, top_k) int64, weights (tokens, top_k)
     """
     probs = nn.softmax(router_logits.astype(np.float32), axis=-1)  # (tokens, num_experts)
+    probs = tap(p, "router_probs", probs)
     top_k_index = top_k_experts(probs, top_k)  # (tokens, top_k)
     top_k_weights = np.take_along_axis(probs, top_k_index, axis=-1)  # (tokens, top_k)
     if norm_topk_prob:
@@ -170,7 +178,10 @@ def sparse_moe_block(x, p, cfg):
     b, s, hidden = x.shape
     tokens = x.reshape(b * s, hidden)  # (tokens, hidden_size)
     router_logits = ops.linear(tokens, p.gate.weight)  # (tokens, num_experts)
-    top_k_index, top_k_weights = route(router_logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    router_logits = tap(p, "router_logits", router_logits)
+    top_k_index, top_k_weights = route(router_logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, p)
+    top_k_index = tap(p, "expert_indices", top_k_index)  # (tokens, top_k): the experts each token chose
+    top_k_weights = tap(p, "expert_weights", top_k_weights)  # (tokens, top_k): their weights
     e, weights = p.experts, top_k_weights.astype(x.dtype)
     out = ops.moe_dispatch(tokens, top_k_index, weights, e.gate_proj, e.up_proj, e.down_proj, cfg.hidden_act)
     return out.reshape(b, s, hidden), router_logits  # (batch, seq, hidden_size), (tokens, num_experts)
@@ -185,12 +196,14 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
     """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
     normed = nn.rms_norm(x, p.input_layernorm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
     attn_out, weights = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, mask, cache, output_attentions)
+    attn_out = tap(p.self_attn, "output", attn_out)  # (batch, seq, hidden_size)
     h = x + attn_out
     normed = nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps)
     if cfg.is_sparse_layer(layer_idx):
         ffn_out, router_logits = sparse_moe_block(normed, p.mlp, cfg)
     else:
         ffn_out, router_logits = mlp(normed, p.mlp, cfg), None
+    ffn_out = tap(p.mlp, "output", ffn_out)  # (batch, seq, hidden_size)
     return h + ffn_out, weights, router_logits
 
 
@@ -212,6 +225,7 @@ def qwen3_moe_model(
         cfg, p.embed_tokens.weight, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache
     )
     x = inputs.embed(p.embed_tokens.weight)  # (batch, seq, hidden_size)
+    x = tap(p.embed_tokens, "output", x)
     cos, sin = map(inputs.place, rope_cos_sin(inputs.position_ids, *compute_inv_freq(cfg)))  # (batch, seq, head_dim)
     mask = inputs.mask(cfg.window)  # (batch or 1, 1, seq, past + seq)
 
@@ -221,10 +235,12 @@ def qwen3_moe_model(
         x, weights, router_logits = decoder_layer(
             x, layer, cfg, layer_idx, cos, sin, mask, inputs.cache, output_attentions
         )
+        x = tap(layer, "output", x)  # the residual stream after this layer
         all_attentions.append(weights)
         if router_logits is not None:
             all_router_logits.append(router_logits)
     x = nn.rms_norm(x, p.norm.weight, cfg.rms_norm_eps)  # (batch, seq, hidden_size)
+    x = tap(p.norm, "output", x)
     all_hidden.append(x)
     if output_router_logits is None:
         output_router_logits = cfg.output_router_logits

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Positions in attention: ALiBi and RoPE
+# # 04 · Positions in attention: ALiBi and RoPE
 #
 # Attention by itself is blind to order: permute the keys and the weights permute with them.
 # Models tell positions apart in one of two ways, both inside the attention scores:
@@ -25,7 +25,7 @@
 #   `position * theta_i`, so that `q(m) . k(n)` depends only on `m - n`. Long-context variants
 #   (linear, dynamic NTK, Llama 3, YaRN, LongRoPE) change the speeds `theta_i`.
 #
-# Everything below comes from minilm; nothing is re-implemented here.
+# Everything below comes from minilm; nothing is re-implemented here. Prerequisite: notebook 03.
 
 # %%
 import matplotlib.pyplot as plt
@@ -60,28 +60,33 @@ assert np.allclose(bloom.alibi_slopes(12)[8:], 2.0 ** -np.array([0.5, 1.5, 2.5, 
 # %% [markdown]
 # ## ALiBi bias matrices, and why a key-only bias is enough
 #
-# The paper's bias is `-m_h (q - k)` on the visible keys. BLOOM adds `m_h * k` instead: the two
-# differ by `m_h * q`, the same for every key of one query, and softmax ignores a constant added to
-# a whole row. Key positions come from `cumsum(attention_mask) - 1`, so left padding shifts nothing.
+# The paper's bias is `-m_h (q - k)` on the visible keys: zero on the diagonal, more negative the
+# farther back the key. BLOOM adds `m_h * k` instead: the two differ by `m_h * q`, the same for
+# every key of one query, and softmax ignores a constant added to a whole row. Key positions come
+# from `cumsum(attention_mask) - 1`, so left padding shifts nothing. The panels show the paper's
+# form for the 4 heads of a 4-head model, on **one colour scale**: the steepest head (m = 1/4)
+# pushes distant keys down 64 times harder than the gentlest (m = 1/256).
 
 # %%
 mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1]])  # two left pads
 bias = bloom.alibi_bias(mask, 4)[0, :, 0]  # (heads, kv_seq): m_h * key position
 allowed = nn.attention_mask_4d(mask, np.arange(8), np.arange(8))[0, 0]  # causal + padding
-fig, axes = plt.subplots(1, 4, figsize=(13, 3))
-for h, ax in enumerate(axes):
-    scores = np.where(allowed, np.broadcast_to(bias[h], (8, 8)), np.nan)
-    ax.imshow(scores, cmap="viridis")
-    ax.set_title(f"head {h}, m = {bloom.alibi_slopes(4)[h]:.3g}")
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-plt.show()
 positions = (np.cumsum(mask) - 1) * mask[0]
 paper = -bloom.alibi_slopes(4)[:, None, None] * (positions[:, None] - positions[None, :])  # -m (q - k)
+shown = np.where(allowed[None], paper, np.nan)  # (heads, 8, 8): masked entries blank
+fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+for h, ax in enumerate(axes):
+    image = ax.imshow(shown[h], cmap="viridis", vmin=np.nanmin(shown), vmax=0)
+    ax.set_title(f"head {h}, m = {bloom.alibi_slopes(4)[h]:.3g}")
+    ax.set_xlabel("key position (2 left pads)")
+axes[0].set_ylabel("query position")
+fig.colorbar(image, ax=axes, label="bias added to the score (logits)")
+plt.show()
 for h in range(4):
     a = nn.softmax(np.where(allowed[2:, 2:], bias[h][None, 2:], -np.inf))
     b = nn.softmax(np.where(allowed[2:, 2:], paper[h][2:, 2:], -np.inf))
     assert np.allclose(a, b)  # same attention weights on the real tokens
+assert np.isclose(bloom.alibi_slopes(4)[0] / bloom.alibi_slopes(4)[-1], 64)
 assert (bias[:, :2] == 0).all() and np.allclose(bias[:, 2:], bloom.alibi_slopes(4)[:, None] * np.arange(6))
 
 # %% [markdown]
@@ -96,10 +101,13 @@ model = bloom.BloomModel(config, seed=0)
 ids = np.random.default_rng(0).integers(0, 64, size=(1, 16))
 weights = model(ids, output_attentions=True).attentions[0][0]  # (heads, seq, seq)
 order = np.argsort(-bloom.alibi_slopes(6))
-fig, axes = plt.subplots(1, 6, figsize=(15, 2.8))
+fig, axes = plt.subplots(1, 6, figsize=(16, 2.9))
 for ax, h in zip(axes, order, strict=True):
-    ax.imshow(weights[h], cmap="magma")
-    ax.set_title(f"m = {bloom.alibi_slopes(6)[h]:.3g}")
+    image = ax.imshow(weights[h], cmap="magma", vmin=0, vmax=1)
+    ax.set_title(f"head {h}, m = {bloom.alibi_slopes(6)[h]:.3g}")
+    ax.set_xlabel("key")
+axes[0].set_ylabel("query")
+fig.colorbar(image, ax=axes, label="attention weight")
 plt.show()
 distance = np.abs(np.arange(16)[:, None] - np.arange(16)[None, :])
 mean_distance = (weights * distance).sum(-1).mean(-1)  # (heads,)
@@ -252,3 +260,32 @@ print("full   :", seq[0, 10:])
 stale = [model.cache_is_stale(minilm.KVCache(2), n) for n in range(10, 23)]
 print("the cache is dropped at the step that feeds a sequence of", 10 + stale.index(True), "tokens")
 assert (cached == seq).all() and stale.index(True) == 7
+
+# %% [markdown]
+# ## Exercises
+#
+# **rope.1** (implement): `apply_rope(x, cos, sin)` in the split-half layout, checked against
+# `rope.apply_rope` on random inputs.
+
+# %%
+print(minilm.course.question("rope.1"))
+
+
+def apply_rope(x, cos, sin):
+    raise NotImplementedError  # your code
+
+
+minilm.course.check("rope.1", apply_rope)
+
+# %% [markdown]
+# **rope.2**: the wavelength, in tokens, of the slowest pair of Gemma 3 270M's global layers
+# (base 1e6, head_dim 256). Compare it with the model's 32 768-token context: what does a pair
+# that turns less than once over the whole context encode?
+#
+# **rope.3**: BLOOM with 16 heads: head 0's ALiBi slope.
+
+# %%
+answer = None  # a number of tokens
+minilm.course.check("rope.2", answer)
+answer = None  # a number
+minilm.course.check("rope.3", answer)

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Gemma 3: local and global attention, soft caps, (1 + w) norms, and a real model
+# # 05 · Gemma 3: local and global attention, soft caps, (1 + w) norms, on the real model
 #
 # Gemma 3 is a Llama-style decoder with a few twists, each one small:
 #
@@ -22,9 +22,9 @@
 # * logits can be **soft-capped**: `cap * tanh(x / cap)` instead of `x`;
 # * every RMSNorm scales by **`1 + w`**, not `w`.
 #
-# We look at each piece, then run the model minilm ships (Google's Gemma 3 270M, quantized Q4_K_M)
-# one generation step at a time. Everything comes from minilm; nothing is re-implemented here.
-# Loading the model dequantizes 270M weights to float32: it takes about 20 seconds, once.
+# We look at each piece on the model minilm ships (Google's Gemma 3 270M, quantized Q4_K_M), with
+# `minilm.capture` to look inside its forward pass. Everything comes from minilm; nothing is
+# re-implemented here. Prerequisites: notebooks 03 (attention, masks) and 04 (RoPE).
 
 # %%
 import time
@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilm
-from minilm import generation, nn
+from minilm import nn
 from minilm.models import gemma3
 
 start = time.perf_counter()
@@ -168,101 +168,7 @@ assert np.allclose(gemma_out, nn.rms_norm(hidden, 1 + w, config.rms_norm_eps), r
 assert np.allclose(gemma_out - plain_out, nn.rms_norm(hidden, zeros + 1, config.rms_norm_eps), atol=1e-3)
 
 # %% [markdown]
-# ## (d) One generation step, by hand
-#
-# Tokenize a prompt (the tokenizer adds `<bos>`), run the model once, and look at the last
-# position's logits: a score for each of the 262 144 tokens of the vocabulary. Softmax turns them
-# into next-token probabilities.
-
-# %%
-prompt = "The capital of France is"
-ids = np.array([tokenizer.encode(prompt)])  # (1, seq)
-print([tokenizer.decode([i]) for i in ids[0]])
-logits = model(ids).logits[:, -1]  # (1, vocab_size), float32
-probs = nn.softmax(logits)[0]
-top = np.argsort(-probs)[:10]
-names = [repr(tokenizer.decode([i])) for i in top]
-plt.figure(figsize=(9, 3.5))
-plt.bar(names, probs[top])
-plt.xticks(rotation=45, ha="right")
-plt.ylabel("probability")
-plt.title(f"next token after {prompt!r}")
-plt.show()
-for i in top[:5]:
-    print(f"{tokenizer.decode([i])!r:>14}  {probs[i]:.3f}")
-assert ids[0, 0] == tokenizer.bos_token_id
-assert np.isclose(probs.sum(), 1, atol=1e-4) and top[0] == logits[0].argmax()
-
-# %% [markdown]
-# ### Temperature, top-k, top-p
-#
-# Sampling reshapes this distribution before drawing from it (`minilm.generation`):
-#
-# * **temperature** `T` divides the logits: `T < 1` sharpens, `T > 1` flattens;
-# * **top-k** keeps the `k` largest logits (the rest become `-inf`);
-# * **top-p** (nucleus) keeps the smallest set of most likely tokens whose probability reaches `p`.
-#
-# Shown on the 15 most likely tokens: each panel is a slice of a distribution over the whole
-# vocabulary, so its bars need not sum to one (except where top-k or top-p removed the rest).
-
-# %%
-shown = np.argsort(-probs)[:15]
-variants = {
-    "T = 1": logits,
-    "T = 0.5": logits / 0.5,
-    "T = 2": logits / 2.0,
-    "top-k, k = 5": generation.apply_top_k(logits, 5),
-    "top-p, p = 0.8": generation.apply_top_p(logits, 0.8),
-}
-dists = {name: nn.softmax(v)[0] for name, v in variants.items()}
-fig, axes = plt.subplots(1, len(dists), figsize=(16, 3.2), sharey=True)
-for ax, (name, d) in zip(axes, dists.items(), strict=True):
-    ax.bar(range(len(shown)), d[shown], color="C1" if name.startswith("top") else "C0")
-    ax.set_title(name)
-    ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([tokenizer.decode([i]) for i in shown], rotation=90, fontsize=7)
-axes[0].set_ylabel("probability")
-plt.show()
-kept = {name: np.flatnonzero(np.isfinite(v[0])) for name, v in variants.items()}
-print("top-p keeps", len(kept["top-p, p = 0.8"]), "tokens:", [tokenizer.decode([i]) for i in kept["top-p, p = 0.8"]])
-assert len(kept["top-k, k = 5"]) == 5 and set(kept["top-k, k = 5"]) == set(shown[:5])
-assert (
-    probs[kept["top-p, p = 0.8"]].sum()
-    >= 0.8
-    > probs[kept["top-p, p = 0.8"]].sum() - probs[kept["top-p, p = 0.8"]].min()
-)
-assert dists["T = 0.5"][shown[0]] > dists["T = 1"][shown[0]] > dists["T = 2"][shown[0]]  # sharper, then flatter
-
-# %% [markdown]
-# `generation.next_tokens` chains these processors and then either takes the argmax (greedy)
-# or draws a sample. A few seeded draws with `T = 0.8, top_k = 20, top_p = 0.9` land in the nucleus:
-
-# %%
-options = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=None, repetition_penalty=None)
-greedy = generation.next_tokens(logits, ids, do_sample=False, rng=None, **options)
-rng = np.random.default_rng(0)
-samples = [int(generation.next_tokens(logits, ids, do_sample=True, rng=rng, **options)[0]) for _ in range(12)]
-print("greedy:", repr(tokenizer.decode(greedy)))
-print("samples:", [tokenizer.decode([s]) for s in samples])
-allowed = np.isfinite(generation.apply_top_p(generation.apply_top_k(logits / 0.8, 20), 0.9)[0])
-assert greedy[0] == top[0] and all(allowed[s] for s in samples)
-
-# %% [markdown]
-# ### Greedy generation, one token at a time
-#
-# `generation.generate_tokens` is the loop as an iterator: step 0 runs the whole prompt and fills the
-# KV cache, every later step feeds only the token just chosen. Its first token is the argmax we
-# found above by hand.
-
-# %%
-steps = []
-for step, token in enumerate(generation.generate_tokens(model, ids, max_new_tokens=8)):
-    steps.append(int(token[0]))
-    print(f"step {step}: {tokenizer.decode([steps[-1]])!r:>12}   ->  {prompt + tokenizer.decode(steps)!r}")
-assert steps[0] == top[0] and len(steps) == 8  # the first step is the argmax above
-
-# %% [markdown]
-# ## (e) Attention maps of the real model
+# ## (d) Attention maps of the real model
 #
 # `output_attentions=True` returns every layer's attention weights, (batch, heads, query, key).
 # Layer 0 is local and layer 5 global, but for a short prompt the 512-token window covers every
@@ -302,14 +208,20 @@ rows = np.arange(n - 200, n)
 fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
 for ax, layer in zip(axes, (local_layer, global_layer), strict=True):
     weights = long_out.attentions[layer][0].mean(0)[rows]  # (200, n)
-    ax.imshow(
-        np.log10(weights + 1e-6), cmap="magma", aspect="auto", extent=(-0.5, n - 0.5, rows[-1] + 0.5, rows[0] - 0.5)
+    image = ax.imshow(
+        np.log10(weights + 1e-6),
+        cmap="magma",
+        vmin=-6,
+        vmax=0,
+        aspect="auto",
+        extent=(-0.5, n - 0.5, rows[-1] + 0.5, rows[0] - 0.5),
     )
     ax.plot(rows - W + 1, rows, "c--", lw=1)  # the oldest key the window keeps
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_title(f"layer {layer} ({config.layer_types[layer]}), log10 weight")
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
+fig.colorbar(image, ax=axes, label="log10 attention weight (mean over heads)")
 plt.show()
 local_w, global_w = long_out.attentions[local_layer][0], long_out.attentions[global_layer][0]
 outside = ~nn.sliding_window_mask(np.arange(n), np.arange(n), W) & nn.causal_mask(np.arange(n), np.arange(n))
@@ -318,3 +230,72 @@ print(
     f"global {global_w[:, outside].sum():.3g}"
 )
 assert n > W and local_w[:, outside].sum() == 0 and global_w[:, outside].sum() > 0
+
+# %% [markdown]
+# ## (e) Four norms per layer, seen from inside
+#
+# Each Gemma 3 block normalises four times: before attention (`input_layernorm`), after it
+# (`post_attention_layernorm`, before the residual add), before the MLP and after it. The
+# post-norms decide how large an update each block writes into the residual stream, whatever the
+# size of the attention or MLP output itself. `minilm.capture` records the residual stream after
+# every block (`layers.*.output`) and the attention and MLP outputs before their post-norms; the
+# plot shows their root mean square per layer, on one log scale.
+
+# %%
+with minilm.capture(
+    "embed_tokens.output", "layers.*.output", "layers.*.self_attn.output", "layers.*.mlp.output"
+) as acts:
+    model(short_ids, logits_to_keep=1)
+
+
+def rms(name):
+    return [float(np.sqrt(np.mean(acts[name.format(i=i)][0, 1:] ** 2))) for i in range(config.num_hidden_layers)]
+
+
+stream, attn_out, mlp_out = rms("layers.{i}.output"), rms("layers.{i}.self_attn.output"), rms("layers.{i}.mlp.output")
+added = []  # what the block actually adds: the stream's change, attention and MLP together
+previous = acts["embed_tokens.output"][0, 1:]
+for i in range(config.num_hidden_layers):
+    current = acts[f"layers.{i}.output"][0, 1:]
+    added.append(float(np.sqrt(np.mean((current - previous) ** 2))))
+    previous = current
+plt.figure(figsize=(9, 3.8))
+plt.semilogy(stream, "o-", label="residual stream after the block")
+plt.semilogy(added, "s-", label="what the block adds (after the post-norms)")
+plt.semilogy(attn_out, "^--", label="attention output, before its post-norm")
+plt.semilogy(mlp_out, "v--", label="MLP output, before its post-norm")
+plt.xlabel("layer")
+plt.ylabel("root mean square (log scale)")
+plt.title(f"{short!r} (all tokens but <bos>)")
+plt.legend(fontsize=8)
+plt.show()
+print("RMS of the stream, first and last layer:", round(stream[0], 1), round(stream[-1], 1))
+assert len(stream) == config.num_hidden_layers and all(np.isfinite(stream))
+
+# %% [markdown]
+# ## Exercises
+#
+# **gemma3.1** (implement): `gemma_rms_norm(x, weight, eps)`, checked against minilm's.
+
+# %%
+print(minilm.course.question("gemma3.1"))
+
+
+def gemma_rms_norm(x, weight, eps):
+    raise NotImplementedError  # your code
+
+
+minilm.course.check("gemma3.1", gemma_rms_norm)
+
+# %% [markdown]
+# **gemma3.2**: in the 600-token plot of section (d), how many (query, key) pairs that causality
+# allows does the local layer's window remove? Count it from the window's definition, then
+# check with `nn.sliding_window_mask` and `nn.causal_mask`.
+#
+# **gemma3.3**: with `final_logit_softcapping = 30` (Gemma 2's value), what does a logit of 60 become?
+
+# %%
+answer = None  # an integer
+minilm.course.check("gemma3.2", answer)
+answer = None  # a number
+minilm.course.check("gemma3.3", answer)

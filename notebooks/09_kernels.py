@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Kernels: one seam, three implementations
+# # 09 · Kernels: one seam, three implementations
 #
 # Almost all the time of a forward pass goes to three operations: the matrix products of linear
 # layers, attention, and (in mixture-of-experts models) sending tokens through their experts.
@@ -316,3 +316,50 @@ for (dtype, backend), ms in times.items():
     print(f"{backend:>6} {dtype:>9}: " + "  ".join(f"{op} {t:.3f} ms" for op, t in ms.items()))
 assert len(times) == 4 and all(t > 0 for ms in times.values() for t in ms.values())  # speed itself is not
 # asserted: on a shared 2-core machine another process can slow any single loop tenfold
+
+# %% [markdown]
+# ## Looking inside a kernel's forward pass
+#
+# A Numba or CuPy attention kernel never stores the score matrix. When `minilm.capture` asks for a
+# layer's `scores` or `attn_weights`, that layer's attention runs the NumPy reference on host
+# copies instead (every other op stays on the kernel), so the captured maps are the same on every
+# backend, and so are the logits, to float32 rounding.
+
+# %%
+probe = minilm.Qwen3MoeForCausalLM(config, seed=0)
+captured = {}
+for backend in ("numpy", "numba"):
+    with ops.use_backend(backend), minilm.capture("layers.0.self_attn.attn_weights", "logits") as acts:
+        probe(ids)
+    captured[backend] = acts
+weights_diff = np.abs(
+    captured["numba"]["layers.0.self_attn.attn_weights"] - captured["numpy"]["layers.0.self_attn.attn_weights"]
+).max()
+logits_diff = np.abs(captured["numba"]["logits"] - captured["numpy"]["logits"]).max()
+print(f"numba vs numpy: attention weights differ by {weights_diff:.2g}, logits by {logits_diff:.2g}")
+assert weights_diff < 1e-6 and logits_diff <= 1e-4 * max(1, np.abs(captured["numpy"]["logits"]).max())
+
+# %% [markdown]
+# ## Exercises
+#
+# **kernels.1** (implement): `tiled_linear(x, weight, tile)`, the loop a blocked kernel runs,
+# checked against `ops.linear_reference`.
+
+# %%
+print(minilm.course.question("kernels.1"))
+
+
+def tiled_linear(x, weight, tile):
+    raise NotImplementedError  # your code
+
+
+minilm.course.check("kernels.1", tiled_linear)
+
+# %% [markdown]
+# **kernels.2**: how many megabytes of float32 weights does one decode step of Gemma 3 270M's 18
+# layers read (q, k, v, o, gate, up, down once each)? At 25 GB/s of memory bandwidth, what is the
+# fastest a step could be? (The embedding used as the output layer adds 671 MB more.)
+
+# %%
+answer = None  # a number, in MB
+minilm.course.check("kernels.2", answer)
