@@ -392,24 +392,35 @@ def block_scales(weight):
     return weight.block_scales
 
 
+@njit(parallel=True, cache=True)
+def _unpack_q5_0_kernel(blocks, codes):
+    """codes[o, 32 b + j] = the signed code of value j of block b of row o (`_decode_block`'s
+    Q5_0 rule, without the scale). blocks (out_features, row_bytes) uint8; prange over rows."""
+    for o in prange(blocks.shape[0]):
+        row = blocks[o]
+        for blk in range(codes.shape[1] // 32):
+            start = 22 * blk
+            qh = np.int32(row[start + 2]) | (np.int32(row[start + 3]) << 8)
+            qh |= (np.int32(row[start + 4]) << 16) | (np.int32(row[start + 5]) << 24)
+            for j in range(16):
+                byte = np.int32(row[start + 6 + j])
+                codes[o, 32 * blk + j] = ((byte & 15) | (((qh >> j) & 1) << 4)) - 16
+                codes[o, 32 * blk + 16 + j] = ((byte >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16
+
+
 def repacked_codes(weight):
     """Q5_0 only: (out_features, in_features) int8, the signed code (q - 16) of every value, so that
     value = block_scales[o, i // 32] * code, exactly. Unpacking five-bit codes costs more than the
     memory it saves, so decode reads these (linear.py's int8 gemv, 1 byte per value instead of
     0.69) and the GGUF blocks are no longer touched; llama.cpp repacks its weights at load the same
-    way. Built once per weight (`prepare_blocks`), with NumPy. Other types: None."""
+    way. Built once per weight (`prepare_blocks`). Other types: None."""
     if weight.type_name != "Q5_0":
         return None
     if getattr(weight, "codes", None) is None:
-        out_features, in_features = weight.shape
-        grouped = weight.blocks.reshape(out_features, in_features // 32, 22)  # | d f16 | qh u32 | qs[16] |
-        qh = np.ascontiguousarray(grouped[:, :, 2:6]).view("<u4")  # (out, blocks, 1): bit j = fifth bit of value j
-        qs = grouped[:, :, 6:].astype(np.int16)  # (out, blocks, 16)
-        fifth = (qh >> np.arange(32, dtype=np.uint32)) & 1  # (out, blocks, 32)
-        low = (qs & 15) | (fifth[:, :, :16] << 4).astype(np.int16)  # values 0..15 of each block
-        high = (qs >> 4) | (fifth[:, :, 16:] << 4).astype(np.int16)  # values 16..31
-        codes = np.concatenate([low, high], axis=2) - 16  # (out, blocks, 32) in [-16, 15]
-        weight.codes = codes.astype(np.int8).reshape(out_features, in_features)
+        codes = np.empty(weight.shape, np.int8)  # (out_features, in_features)
+        _unpack_q5_0_kernel(weight.blocks, codes)
+        codes.flags.writeable = False
+        weight.codes = codes
     return weight.codes
 
 

@@ -49,7 +49,7 @@ from .gguf import GGUFFile, read_gguf
 from .registry import GEMMA_TOKENIZER_ARCHITECTURES
 
 # The layout of a cache file; the recipe itself is covered by _BUILDER_DIGEST.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: merges as "left right" strings (compact_merges)
 # The code that builds a tokenizer: this file and the tokenizers library it drives.
 _BUILDER_DIGEST = hashlib.sha256(pathlib.Path(__file__).read_bytes() + tokenizers.__version__.encode()).hexdigest()
 
@@ -199,6 +199,22 @@ def tokenizer_cache_path(gguf_path: pathlib.Path) -> pathlib.Path:
     return minilm_cache_dir() / "tokenizers" / f"{key}.json"
 
 
+def compact_merges(tokenizer_json: str) -> str:
+    """The same tokenizer with its BPE merges written as "left right" strings, tokenizers' older
+    spelling, instead of ["left", "right"] pairs, when no piece holds a space (the one character
+    that spelling cannot carry). Equal tokenizers; parsing 515k merges takes ~25 % less time and a
+    third of the temporary memory in this form."""
+    data = json.loads(tokenizer_json)
+    model = data.get("model", {})
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(isinstance(m, list) for m in merges):
+        return tokenizer_json
+    if any(" " in left or " " in right for left, right in merges):
+        return tokenizer_json
+    model["merges"] = [f"{left} {right}" for left, right in merges]
+    return json.dumps(data, ensure_ascii=False)
+
+
 def release_freed_memory() -> None:
     """Give the C heap's free memory back to the system (glibc's malloc_trim; elsewhere nothing).
 
@@ -236,7 +252,7 @@ def _write_cache(path: pathlib.Path, backend: tokenizers.Tokenizer, settings: di
         "format": CACHE_FORMAT_VERSION,
         "source": str(source),
         "settings": settings,
-        "tokenizer": backend.to_str(),
+        "tokenizer": compact_merges(backend.to_str()),
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
