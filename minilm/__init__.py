@@ -39,6 +39,8 @@ from .models.bloom import (
     BloomModel,
 )
 from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
+from .models.gemma3_multimodal import Gemma3ForConditionalGeneration, Gemma3Model
+from .models.gemma3_vision import Gemma3Config, SiglipVisionConfig
 from .models.phi3 import (
     Phi3Config,
     Phi3ForCausalLM,
@@ -69,7 +71,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "Gemma3Backbone",
+    "Gemma3Config",
     "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Gemma3Model",
     "Gemma3TextConfig",
     "Gemma3TextModel",
     "InputError",
@@ -90,6 +95,7 @@ __all__ = [
     "Qwen3MoeForSequenceClassification",
     "Qwen3MoeForTokenClassification",
     "Qwen3MoeModel",
+    "SiglipVisionConfig",
     "SlidingWindowCache",
     "UnknownArchitectureError",
     "default_model",

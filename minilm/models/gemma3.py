@@ -287,8 +287,10 @@ def gemma3_model(
     use_cache=None,
     output_attentions=False,
     output_hidden_states=False,
+    token_type_ids=None,
 ):
-    """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm."""
+    """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm.
+    token_type_ids (1 on image tokens; the multimodal model's): tokens of one image attend both ways."""
     inputs = prepare_inputs(
         cfg,
         p.embed_tokens.weight,
@@ -299,6 +301,7 @@ def gemma3_model(
         past_key_values,
         use_cache,
         new_cache=make_cache,
+        token_type_ids=token_type_ids,
     )
     x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size)
     seq_len = int(np.max(inputs.position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
