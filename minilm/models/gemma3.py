@@ -33,7 +33,7 @@ import numpy as np
 from .. import nn, ops
 from ..cache import SlidingWindowCache
 from ..config import PretrainedConfig, check_layer_count, check_positive
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..heads import ForCausalLM
 from ..modeling import BaseModel, prepare_inputs
 from ..rope import apply_rope, compute_inv_freq, rope_cos_sin, rope_type
@@ -288,9 +288,15 @@ def gemma3_model(
     output_attentions=False,
     output_hidden_states=False,
     token_type_ids=None,
+    pixel_values=None,
 ):
     """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm.
     token_type_ids (1 on image tokens; the multimodal model's): tokens of one image attend both ways."""
+    if pixel_values is not None:
+        raise InputError(
+            "this Gemma 3 is text-only (Gemma3ForCausalLM, model_type gemma3_text): it has no vision tower to read "
+            "pixel_values; images need a Gemma3ForConditionalGeneration checkpoint (model_type gemma3)"
+        )
     inputs = prepare_inputs(
         cfg,
         p.embed_tokens.weight,

@@ -73,23 +73,22 @@ def image_token_mask(input_ids, cfg):
 def check_image_tokens(input_ids, num_images, cfg):
     """InputError unless the prompt holds exactly mm_tokens_per_image image tokens per image."""
     found = int(image_token_mask(input_ids, cfg).sum())
-    needed = num_images * cfg.mm_tokens_per_image
+    per_image = cfg.mm_tokens_per_image
     if num_images and not found:
         raise InputError(
             f"pixel_values hold {num_images} image(s) but input_ids hold no image token "
             f"(image_token_index={cfg.image_token_index}): lay the prompt out with minilm.io.image_processor"
         )
-    if found != needed:
+    if found and not num_images:
         raise InputError(
-            f"input_ids hold {found} image tokens but {num_images} image(s) give {needed} soft tokens "
-            f"({cfg.mm_tokens_per_image} per image): {_images_for(found, cfg)} image(s) for "
-            f"{num_images} given"
+            f"input_ids hold {found} image tokens (image_token_index={cfg.image_token_index}) but no pixel_values "
+            "were given: pass the images"
         )
-
-
-def _images_for(tokens, cfg):
-    count = tokens / cfg.mm_tokens_per_image
-    return int(count) if count == int(count) else f"{count:.2f}"
+    if found != num_images * per_image:
+        raise InputError(
+            f"input_ids hold {found} image tokens but {num_images} image(s) give {num_images * per_image} soft "
+            f"tokens ({per_image} per image): the prompt has room for {found / per_image:g} image(s)"
+        )
 
 
 def merge_image_features(embeds, input_ids, soft_tokens, cfg):
