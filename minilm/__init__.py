@@ -27,6 +27,7 @@ from .io.load import from_pretrained
 from .keras.backbone import Backbone
 from .keras.bloom import BloomBackbone
 from .keras.gemma3 import Gemma3Backbone
+from .keras.gemma3_vision import Gemma3VisionEncoder
 from .keras.phi3 import Phi3Backbone
 from .keras.qwen3_moe import Qwen3MoeBackbone
 from .modeling import ModelOutput
@@ -77,6 +78,7 @@ __all__ = [
     "Gemma3Model",
     "Gemma3TextConfig",
     "Gemma3TextModel",
+    "Gemma3VisionEncoder",
     "InputError",
     "KVCache",
     "MinilmError",
