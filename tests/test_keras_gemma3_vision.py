@@ -247,3 +247,33 @@ def test_keras_hub_style_equals_hf_style_on_the_same_weights(name):
     assert_close(out.last_hidden_state, keras_style, keep, f"{name}: HF-style vs keras-hub-style")
     assert_close(out.last_hidden_state, ref["hidden"], keep, f"{name}: HF-style vs keras-hub")
     np.testing.assert_allclose(out.image_hidden_states, encoder(ref["images"][used][:, None]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["released", "transformers5"])
+def test_from_preset_reads_a_multimodal_hf_checkpoint(layout, tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (either tensor-name layout) whose config keras-hub's
+    arguments can say loads as Gemma3Backbone with its vision encoder: the same config and outputs."""
+    backbone, ref, meta = build("gemma3_vision")
+    encoder = backbone.vision_encoder
+    config = minilm.Gemma3Config(
+        text_config=backbone.config,
+        vision_config=encoder.config.vision_config,
+        mm_tokens_per_image=encoder.num_vision_tokens_per_image,
+        image_token_index=256,
+    )
+    weights = {
+        (k if k.startswith(("vision_tower.", "multi_modal_projector.")) else "language_model.model." + k): v
+        for k, v in read_checkpoint(KERAS_FIXTURES / "gemma3_vision").items()
+    }
+    minilm.Gemma3ForConditionalGeneration(config, params=weights).save_pretrained(tmp_path, layout=layout)
+    loaded = minilm.Backbone.from_preset(tmp_path)
+    assert type(loaded) is minilm.Gemma3Backbone
+    assert loaded.get_config() == backbone.get_config() == as_minilm_config(meta["get_config"])
+    np.testing.assert_array_equal(loaded(inputs(ref)), backbone(inputs(ref)))
+    # a vision config keras-hub cannot say (LayerNorm epsilon other than 1e-6) runs as it is, as a plain Backbone
+    wide = config.replace(vision_config=config.vision_config.replace(layer_norm_eps=1e-5))
+    minilm.Gemma3ForConditionalGeneration(wide, params=weights).save_pretrained(tmp_path / "wide")
+    plain = minilm.Backbone.from_preset(tmp_path / "wide")
+    assert type(plain) is minilm.Backbone and isinstance(plain.model, minilm.Gemma3Model)
+    with pytest.raises(ConfigError, match="layer_norm_eps=1e-05"):
+        plain.get_config()

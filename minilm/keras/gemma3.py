@@ -8,9 +8,16 @@ import numpy as np
 from .. import ops
 from ..errors import ConfigError, InputError
 from ..models.gemma3 import FULL, SLIDING, Gemma3TextConfig, Gemma3TextModel, scaled_embedding
+from ..models.gemma3_vision import Gemma3Config
 from ..rope import rope_type
 from .backbone import Backbone, build_weights, check_keras_kwargs
-from .gemma3_vision import check_vision_inputs, interleave_embeddings, split_vision_params, vision_encoder_from_config
+from .gemma3_vision import (
+    Gemma3VisionEncoder,
+    check_vision_inputs,
+    interleave_embeddings,
+    split_vision_params,
+    vision_encoder_from_config,
+)
 
 
 class Gemma3Backbone(Backbone):
@@ -225,7 +232,15 @@ class Gemma3Backbone(Backbone):
 
     @staticmethod
     def keras_args(c):
-        """keras-hub arguments for a Gemma3TextConfig; ConfigError for what keras-hub cannot express."""
+        """keras-hub arguments for a Gemma3TextConfig, or a Gemma3Config (images: its text config's
+        arguments and a vision encoder); ConfigError for what keras-hub cannot express."""
+        if isinstance(c, Gemma3Config):
+            encoder = Gemma3VisionEncoder.keras_args(c)
+            return {
+                **Gemma3Backbone.keras_args(c.text_config),
+                "image_size": encoder["image_size"],
+                "vision_encoder": {"class_name": "Gemma3VisionEncoder", "config": encoder},
+            }
         sliding = SLIDING in c.layer_types
         keras_types = [SLIDING if sliding and i % 6 < 5 else FULL for i in range(c.num_hidden_layers)]
         scaling = c.rope_scaling or {}

@@ -50,6 +50,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..modeling import PreTrainedModel
+from ..models.gemma3_multimodal import READ_RULES, rename
 from ..models.gemma3_vision import Gemma3Config, SiglipVisionConfig, multimodal_projector, vision_shapes, vision_tower
 from .backbone import check_keras_kwargs
 
@@ -148,6 +149,32 @@ class Gemma3VisionEncoder:
     def from_config(cls, config, params=None):
         return cls(**config, params=params)
 
+    @staticmethod
+    def keras_args(c):
+        """keras-hub's arguments for a Gemma3Config's vision tower and projector; ConfigError for what
+        they cannot say."""
+        v = c.vision_config
+        problems = []
+        if v.layer_norm_eps != KERAS_ENCODER_EPSILON:
+            problems.append(f"vision layer_norm_eps={v.layer_norm_eps} (keras-hub's encoder LayerNorms use 1e-6)")
+        if v.num_channels != 3:
+            problems.append(f"num_channels={v.num_channels} (keras-hub: RGB images)")
+        if v.hidden_act != "gelu_pytorch_tanh":
+            problems.append(f"hidden_act={v.hidden_act!r} (keras-hub: GELU, tanh approximation)")
+        if problems:
+            raise ConfigError("Gemma3VisionEncoder cannot express this vision config: " + "; ".join(problems))
+        return dict(
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            num_heads=v.num_attention_heads,
+            hidden_dim=v.hidden_size,
+            num_layers=v.num_hidden_layers,
+            intermediate_dim=v.intermediate_size,
+            output_dim=c.text_config.hidden_size,
+            pool_size=c.pool_kernel,
+            layer_norm_epsilon=v.layer_norm_eps,
+        )
+
     def count_params(self):
         return self.weights.num_parameters()
 
@@ -188,10 +215,23 @@ class Gemma3VisionEncoder:
         return multimodal_projector(self.features(images), self.weights.params.multi_modal_projector, self.config)
 
 
+# minilm's multimodal layout (`gemma3_multimodal.READ_RULES`) -> a keras preset's: text weights as the
+# text model names them, vision weights under transformers' vision names
+PRESET_RULES = (
+    ("model.language_model.", ""),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
 def split_vision_params(params):
-    """(text weights, vision weights) of one flat {name: array}, or (None, None)."""
+    """(text weights, vision weights) of one flat {name: array}, or (None, None). Names of every
+    multimodal checkpoint layout (released: language_model.model.*, vision_tower.vision_model.*;
+    transformers 5's) are first brought to a keras preset's: text weights bare (`layers.0...`),
+    vision weights under `vision_tower.vision_model.*` and `multi_modal_projector.*`."""
     if params is None:
         return None, None
+    params = {rename(rename(k, READ_RULES), PRESET_RULES): v for k, v in params.items()}
     vision = {k: v for k, v in params.items() if k.startswith(VISION_ROOTS)}
     return {k: v for k, v in params.items() if k not in vision}, vision
 
