@@ -18,6 +18,7 @@ from .errors import InputError
 from .generation import generate_tokens
 from .io.chat_templates import chat_template_for
 from .io.default_model import default_model_path
+from .io.image_processor import GEMMA3_CHAT_TEMPLATE, Gemma3ImageProcessor, Gemma3Processor
 from .io.load import from_pretrained, resolve_handle
 from .io.tokenizer import Tokenizer
 
@@ -72,6 +73,7 @@ def generate(
     dtype="float32",
     stats=None,
     chat_template=None,
+    images=None,
 ):
     """Continue `prompt` (a string, or a list of strings for a batch) with a language model.
 
@@ -87,6 +89,10 @@ def generate(
     stop: a string or list of strings; generation ends at the first one (it is not returned).
     stream=True returns an iterator of text pieces (single prompt only).
     stats: a dict to fill with backend, prompt_tokens, new_tokens, prefill_s, decode_tokens_per_s.
+    images: for a model that reads images (Gemma 3 4B and up, model_type gemma3), the images of the
+      prompt (paths, PIL images or uint8 arrays; a list of lists for a batch), one per placeholder
+      `<start_of_image>` in the prompt or per {"type": "image"} content part of the messages (rendered
+      with Gemma 3's chat template when the checkpoint stores none). A text-only model refuses them.
     Returns the generated text (a list of texts for a batch), without the prompt.
     Runs on the backend the program chose, else on `ops.FAST_CPU_BACKEND` (compiled CPU kernels).
     """
@@ -100,6 +106,10 @@ def generate(
         do_sample = False  # temperature 0 means greedy
     backend = _generate_backend()
     loaded, tokenizer = load(resolve_model(model), dtype, backend)
+    if images is not None:
+        _check_reads_images(loaded, model)
+        if chat_template is None and not tokenizer.chat_template:
+            chat_template = GEMMA3_CHAT_TEMPLATE  # image content parts need a template that knows them
     texts, batched = _prompts(prompt, messages, tokenizer, chat_template)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
@@ -107,9 +117,15 @@ def generate(
         do_sample = bool((temperature or 0) > 0 or top_k or top_p is not None or min_p is not None)
     if temperature is None or (not isinstance(temperature, bool) and temperature == 0):
         temperature = 1.0  # unused: greedy
-    ids, mask = _left_pad(
-        [tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts], tokenizer.pad_token_id or 0
-    )
+    prefill = None  # what only the prompt's forward pass reads: the images
+    if images is None:
+        ids, mask = _left_pad(
+            [tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts], tokenizer.pad_token_id or 0
+        )
+    else:
+        inputs = _image_inputs(loaded, tokenizer, model, texts, images, batched, add_bos and messages is None)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        prefill = {"pixel_values": inputs.get("pixel_values"), "token_type_ids": inputs["token_type_ids"]}
     eos = _eos_ids(loaded, tokenizer)
     tokens = generate_tokens(
         loaded,
@@ -124,6 +140,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         eos_token_id=eos,
         seed=seed,
+        prefill_inputs=prefill,
     )
     tokens = _on_backend(tokens, backend)
     if stats is not None:
@@ -139,6 +156,30 @@ def generate(
             break
     results = [_cut_at_stop(_decode_until_eos(tokenizer, r, eos), stops)[0] for r in new]
     return results if batched else results[0]
+
+
+def _check_reads_images(model, name):
+    """InputError unless the model has a vision tower (a config with a vision_config)."""
+    if getattr(model.config, "vision_config", None) is None:
+        what = "the shipped Gemma 3 270M" if name is None else str(name)
+        raise InputError(
+            f"{what} is a text-only model ({type(model).__name__}): it cannot read images; images need a "
+            "multimodal checkpoint (Gemma 3 4B and up, config.json model_type 'gemma3')"
+        )
+
+
+def _image_inputs(model, tokenizer, name, texts, images, batched, add_bos):
+    """Token ids with each image placeholder laid out, token_type_ids and pixel_values
+    (`minilm.io.image_processor.Gemma3Processor`), for the prompts and their images."""
+    path = resolve_model(name)
+    if path is not None and path.is_dir():
+        image_processor = Gemma3ImageProcessor.from_pretrained(path, model.config)
+    else:
+        image_processor = Gemma3ImageProcessor.from_config(model.config)
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    processor = Gemma3Processor(tokenizer, model.config, image_processor)
+    return processor(texts if batched else texts[0], images=images, add_bos=add_bos)
 
 
 def _stop_strings(stop):

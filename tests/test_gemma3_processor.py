@@ -8,11 +8,14 @@ Pixel values: max|Δ| <= 1e-4 * max(1, max|ref|) (they are in [-1, 1]); ids and 
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_close, load_reference
+from conftest import FIXTURES, assert_close, load_reference
 
+import minilm
+from minilm import cli
 from minilm.errors import ConfigError, InputError
 from minilm.io.default_model import default_model_path
 from minilm.io.image_processor import (
@@ -127,3 +130,63 @@ def test_preprocessor_config_json(tmp_path, config):
     with pytest.raises(ConfigError, match="pan_and_scan"):
         Gemma3ImageProcessor.from_pretrained(tmp_path)
     assert Gemma3ImageProcessor.from_pretrained(tmp_path / "none", config=config).size == (32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, text out: minilm.generate(prompt, images=...) and python -m minilm --image
+# ---------------------------------------------------------------------------------------------
+
+TINY = FIXTURES / "gemma3_mm_released"  # a tiny multimodal model with a word-level tokenizer.json
+IMAGE = FIXTURES / "gemma3_processor" / "image_0.png"
+
+
+def test_generate_with_images_equals_the_model_path():
+    """minilm.generate lays the prompt out, reads the image and decodes: the same ids as the
+    processor + model.generate by hand."""
+    with minilm.use_backend("numpy"):
+        text = minilm.generate("describe <start_of_image> in one word", images=[IMAGE], model=TINY, max_new_tokens=6)
+        model = minilm.from_pretrained(TINY)
+        tokenizer = Tokenizer.from_file(TINY)
+        inputs = Gemma3Processor(tokenizer, model.config)("describe <start_of_image> in one word", images=[IMAGE])
+        ids = model.generate(**inputs, max_new_tokens=6, eos_token_id=[model.config.eos_token_id])
+        batch = minilm.generate(
+            ["a <start_of_image>", "the cat"], images=[[IMAGE], []], model=TINY, max_new_tokens=3
+        )  # a row with an image, a row without
+        assert len(batch) == 2
+    new = ids[0, inputs["input_ids"].shape[1] :].tolist()
+    if model.config.eos_token_id in new:
+        new = new[: new.index(model.config.eos_token_id)]
+    assert text == tokenizer.decode(new, skip_special_tokens=True) and text
+
+
+def text_only_folder(tmp_path):
+    """The text-only Gemma 3 fixture with the tiny tokenizer (same 96-token vocabulary)."""
+    for source in [
+        *(FIXTURES / "gemma3_causal_lm").glob("*.json"),
+        *(FIXTURES / "gemma3_causal_lm").glob("*.safetensors"),
+    ]:
+        shutil.copy(source, tmp_path / source.name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY / name, tmp_path / name)
+    return tmp_path
+
+
+def test_an_image_for_a_text_only_model_is_refused(tmp_path, capsys):
+    folder = text_only_folder(tmp_path)
+    with pytest.raises(InputError, match="text-only model"):
+        minilm.generate("hi <start_of_image>", images=[IMAGE], model=folder, max_new_tokens=2)
+    assert cli.main(["--model", str(folder), "--image", str(IMAGE), "hi", "--backend", "numpy", "-q"]) == 1
+    assert "text-only model" in capsys.readouterr().err
+
+
+def test_cli_image(capsys):
+    args = ["--model", str(TINY), "--image", str(IMAGE), "--backend", "numpy", "--max-new-tokens", "3", "-q"]
+    assert cli.main([*args, "what is this"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("<start_of_image>what is this")  # the image goes in front of a prompt without one
+    assert cli.main([*args, "--chat", "what is this"]) == 0  # image parts in Gemma 3's chat template
+    assert cli.main([*args, "<start_of_image> and <start_of_image>"]) == 1  # two placeholders, one image
+    assert "fewer images than placeholders" in capsys.readouterr().err
+    assert cli.main(["--image", "no-such.png", "hi"]) == 2
+    assert cli.main(["--image", str(IMAGE), "--batch", "prompts.txt"]) == 2
+    assert "--image" in capsys.readouterr().err
