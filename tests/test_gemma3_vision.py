@@ -205,6 +205,12 @@ def test_random_init_and_config_checks():
     assert (state["model.vision_tower.vision_model.post_layernorm.weight"] == 1).all()  # LayerNorm: ones
     assert (state["model.multi_modal_projector.mm_soft_emb_norm.weight"] == 0).all()  # Gemma (1 + w): zeros
     assert state["lm_head.weight"] is state["model.language_model.embed_tokens.weight"]
+    ids = np.array([[1, 47] + [49] * 4 + [48, 5]])  # one image; 49 is inside the vocabulary
+    out = model(input_ids=ids, pixel_values=np.zeros((1, 3, 16, 16), np.float32), token_type_ids=(ids == 49) * 1)
+    assert out.logits.shape == (1, 8, 50) and out.image_hidden_states.shape == (1, 4, 16)
+    outside = Gemma3ForConditionalGeneration(config.replace(image_token_index=50))  # = vocab_size: looked up as 0
+    out = outside(input_ids=np.where(ids == 49, 50, ids), pixel_values=np.zeros((1, 3, 16, 16), np.float32))
+    assert np.isfinite(out.logits).all()
     with pytest.raises(ConfigError, match="square"):
         config.replace(mm_tokens_per_image=3)
     with pytest.raises(ConfigError, match="does not divide"):
