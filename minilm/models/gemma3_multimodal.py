@@ -265,6 +265,10 @@ class Gemma3ForConditionalGeneration(Gemma3MultimodalLayout, ForCausalLM):
     out = model(input_ids, pixel_values=pixel_values, token_type_ids=token_type_ids, labels=ids)
     out.logits, out.loss, out.image_hidden_states
     model.generate(input_ids, pixel_values=pixel_values, token_type_ids=token_type_ids)
+
+    `minilm.io.image_processor.Gemma3Processor` makes all three from text and images. Without
+    token_type_ids the image tokens attend causally, as in transformers (the processor's output
+    always has them).
     """
 
     config_class = Gemma3Config
