@@ -50,6 +50,11 @@ class Gemma3Backbone(Backbone):
         decoder layers: causal, except that each run of vision_mask == 1 attends to itself both ways
                         (transformers' token_type_ids rule; two images side by side form one run)
 
+    On sliding layers minilm follows transformers: a token sees the keys of the last
+    sliding_window positions and every later token of its own image. keras-hub 0.32 also bounds
+    that look-ahead by the window (|q - k| < sliding_window_size); the two differ only for images
+    of more tokens than the window (never on the released models: 256 soft tokens, window 1024).
+
     Its weights are the encoder's, under transformers' names (`vision_tower.vision_model.*`,
     `multi_modal_projector.*`), next to the text weights in a preset's model.safetensors.
     """
