@@ -10,6 +10,7 @@ non-padding positions (conftest.assert_close).
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import minilm
 from minilm import nn, ops
 from minilm.errors import ConfigError, InputError
 from minilm.io.safetensors import read_checkpoint
-from minilm.models.gemma3_multimodal import Gemma3ForConditionalGeneration, Gemma3Model
+from minilm.models.gemma3_multimodal import Gemma3ForConditionalGeneration, Gemma3Model, gemma3_multimodal_shapes
 from minilm.models.gemma3_vision import Gemma3Config, SiglipVisionConfig, patch_embedding, patchify
 
 FIXTURES = ["gemma3_mm_causal_lm", "gemma3_mm_released", "gemma3_mm_sharded"]
@@ -48,6 +49,40 @@ def test_parity_with_transformers(name):
     _, _, report = check_parity(name)
     MEASURED[name] = report
     print(name, {k: f"{v:.2e}" for k, v in report.items()})
+
+
+def test_without_token_type_ids_image_tokens_stay_causal():
+    """As transformers: no token_type_ids, no same-image attention (different logits from the
+    bidirectional ones wherever an image token or a later token is)."""
+    folder, ref, _ = load_reference("gemma3_mm_causal_lm")
+    model = minilm.from_pretrained(folder)
+    kwargs = {k: v for k, v in forward_kwargs(ref, "conditional_generation").items() if k != "token_type_ids"}
+    logits = model(**kwargs).logits
+    keep = ref["attention_mask"].astype(bool)
+    assert_close(logits, ref["logits_without_token_type_ids"], keep, "logits without token_type_ids")
+    assert np.abs(ref["logits_without_token_type_ids"] - ref["logits"])[keep].max() > 1e-2  # the rule matters
+
+
+def test_released_4b_config():
+    """config.json of google/gemma-3-4b-it (text_config and vision_config only partly spelled out):
+    the defaults fill the rest, and the tensors add up to the 4B model's 4,300,079,472 parameters."""
+    released = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+        "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+        "model_type": "gemma3", "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False},
+    }  # fmt: skip
+    config = Gemma3Config.from_dict(released)
+    shapes = gemma3_multimodal_shapes(config)
+    assert sum(math.prod(shape) for shape in shapes.values()) == 4_300_079_472
+    assert config.vision_config.num_patches == 4096 and config.pool_kernel == 4  # 64 x 64 patches, pooled 4 x 4
+    assert config.eos_token_id == [1, 106] and config.text_config.layer_types[5] == "full_attention"
+    assert Gemma3Config.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
 
 def test_parity_under_numba():
