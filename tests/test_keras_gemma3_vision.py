@@ -19,7 +19,7 @@ import pytest
 from conftest import FIXTURES, assert_close
 
 import minilm
-from minilm import ConfigError, InputError
+from minilm import ConfigError, InputError, ops
 from minilm.io.safetensors import read_checkpoint
 from minilm.keras.gemma3_vision import interleave_embeddings
 
@@ -277,3 +277,34 @@ def test_from_preset_reads_a_multimodal_hf_checkpoint(layout, tmp_path):
     assert type(plain) is minilm.Backbone and isinstance(plain.model, minilm.Gemma3Model)
     with pytest.raises(ConfigError, match="layer_norm_eps=1e-05"):
         plain.get_config()
+
+
+def cupy_ready():
+    try:
+        ops.set_backend(ops.set_backend("cupy"))  # imports and registers the backend, then restores
+        return True
+    except ConfigError:
+        return False
+
+
+BACKENDS = [
+    "numba",
+    pytest.param(
+        "cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not cupy_ready(), reason="CuPy or a CUDA device is missing")]
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_equal_keras_hub_under_backend(backend):
+    """The same call on the compiled backends (weights on the backend's device): still keras-hub's outputs."""
+    for name in NAMES:
+        with ops.use_backend(backend):
+            backbone, ref, _ = build(name)
+            backbone.to_device()
+            keep = ref["padding_mask"].astype(bool)
+            hidden = backbone(inputs(ref))
+            assert_close(hidden, ref["hidden"], keep, f"{name} hidden states on {backend}")
+            logits = backbone.token_embedding(hidden, reverse=True)
+            assert_close(logits, ref["logits"], keep, f"{name} reverse logits on {backend}")
+            assert_close(backbone.vision_encoder(ref["images"]), ref["image_embeddings"], None, f"{name} on {backend}")

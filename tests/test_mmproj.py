@@ -22,7 +22,7 @@ import pytest
 from conftest import FIXTURES, assert_close, max_diff
 
 import minilm
-from minilm import CheckpointError, InputError, UnknownArchitectureError
+from minilm import CheckpointError, ConfigError, InputError, UnknownArchitectureError, ops
 from minilm.io import mmproj as mm
 from minilm.io.gguf import GGUFFile, read_gguf
 from minilm.io.safetensors import read_checkpoint
@@ -143,6 +143,35 @@ def test_pair_equals_the_safetensors_checkpoint(pair_model):
     a, b = pair_model.get_image_features(ref["pixel_values"]), hf.get_image_features(ref["pixel_values"])
     np.testing.assert_array_equal(a.last_hidden_state, b.last_hidden_state)
     assert_close(a.pooler_output, b.pooler_output, None, "GGUF pair vs safetensors soft tokens")
+
+
+def cupy_ready():
+    try:
+        ops.set_backend(ops.set_backend("cupy"))  # imports and registers the backend, then restores
+        return True
+    except ConfigError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "numba",
+        pytest.param(
+            "cupy",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not cupy_ready(), reason="CuPy or a CUDA device is missing")],
+        ),
+    ],
+)
+def test_pair_under_backend(backend):
+    ref = np.load(PAIR / "reference.npz")
+    with ops.use_backend(backend):
+        model = minilm.from_pretrained(PAIR / "text.gguf", mmproj=PAIR / "mmproj.gguf")
+        inputs = {k: ref[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids", "token_type_ids")}
+        out = model(**inputs)
+        keep = ref["attention_mask"].astype(bool)
+        assert_close(out.logits, ref["logits"], keep, f"GGUF pair logits on {backend}")
+        assert_close(out.image_hidden_states, ref["image_features"], None, f"GGUF pair soft tokens on {backend}")
 
 
 # -- what is refused -----------------------------------------------------------------------------------------

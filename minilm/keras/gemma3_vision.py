@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
 from ..errors import ConfigError, InputError
 from ..modeling import PreTrainedModel
 from ..models.gemma3_multimodal import READ_RULES, rename
@@ -311,7 +312,8 @@ def interleave_embeddings(image_embeddings, text_embeddings, vision_indices):
     vision_indices (batch, images * tokens_per_image) -> (batch, seq, hidden)"""
     batch, _, hidden = text_embeddings.shape
     out = text_embeddings.copy()
-    rows = np.repeat(np.arange(batch), vision_indices.shape[1])  # (batch * images * tokens,)
-    out[rows, vision_indices.reshape(-1)] = image_embeddings.reshape(-1, hidden).astype(out.dtype, copy=False)
+    rows = ops.like(np.repeat(np.arange(batch), vision_indices.shape[1]), out)  # (batch * images * tokens,)
+    columns = ops.like(np.asarray(vision_indices).reshape(-1), out)  # where each soft token goes
+    out[rows, columns] = image_embeddings.reshape(-1, hidden).astype(out.dtype, copy=False)
     out[:, 0] = text_embeddings[:, 0]  # index 0 was the empty slots' target
     return out
