@@ -27,7 +27,9 @@ It writes tests/fixtures/gemma3_mmproj/:
         hf/                          config.json, model.safetensors (released names; the projection rounded to float16
                                      values, as the GGUF stores it), tokenizer.model, added_tokens.json,
                                      preprocessor_config.json
-        text.gguf, mmproj.gguf       the converter's output
+        text.gguf, mmproj.gguf       the converter's output (--outtype f32)
+        mmproj-f16.gguf              the same tower with --outtype f16, as llama.cpp's released mmproj files are:
+                                     weight matrices F16, norms, biases and the embeddings F32
         reference.npz / .json        transformers' outputs on hf/ (scripts/fixtures/gemma3_vision.py's batch: rows
                                      with two, zero and one image, left padding; logits, vision features, soft
                                      tokens, greedy ids)
@@ -84,9 +86,9 @@ def unpack_converter(sdist, workdir):
     return script, llama / "gguf-py"
 
 
-def convert(converter, folder, outfile, mmproj):
+def convert(converter, folder, outfile, mmproj, outtype="f32"):
     script, gguf_py = converter
-    args = [sys.executable, str(script), str(folder), "--outtype", "f32", "--outfile", str(outfile)]
+    args = [sys.executable, str(script), str(folder), "--outtype", outtype, "--outfile", str(outfile)]
     if mmproj:
         args.append("--mmproj")
     env = {**os.environ, "PYTHONPATH": str(gguf_py)}  # the gguf-py of the same llama.cpp, not an installed one
@@ -203,6 +205,7 @@ def pair(converter, workdir):
     shutil.copytree(hf, folder)
     convert(converter, folder, out / "text.gguf", mmproj=False)
     convert(converter, folder, out / "mmproj.gguf", mmproj=True)
+    convert(converter, folder, out / "mmproj-f16.gguf", mmproj=True, outtype="f16")  # as llama.cpp ships them
     tensors = load_file(hf / "model.safetensors")
     meta["description"] = (
         "a Gemma 3 multimodal checkpoint a text GGUF can hold (query_pre_attn_scalar = head_dim, both layers "

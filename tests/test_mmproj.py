@@ -7,6 +7,7 @@ The files are made by llama.cpp's own converter (`convert_hf_to_gguf.py --mmproj
                                                                     (scale factor 2 written in the file)
     tests/fixtures/gemma3_mmproj/pair/{text,mmproj}.gguf           from pair/hf (scale factor absent: 4),
                                                                     with transformers' outputs on pair/hf
+    tests/fixtures/gemma3_mmproj/pair/mmproj-f16.gguf              the same with --outtype f16 (matrices F16)
 
 Measured (float32): every F32 tensor of the mmproj equals the safetensors one exactly, mm.soft_emb_norm within
 one float32 step of 1 (it is stored as 1 + w), mm.input_projection is the float16 rounding of the safetensors
@@ -143,6 +144,29 @@ def test_pair_equals_the_safetensors_checkpoint(pair_model):
     a, b = pair_model.get_image_features(ref["pixel_values"]), hf.get_image_features(ref["pixel_values"])
     np.testing.assert_array_equal(a.last_hidden_state, b.last_hidden_state)
     assert_close(a.pooler_output, b.pooler_output, None, "GGUF pair vs safetensors soft tokens")
+
+
+def test_f16_mmproj_is_the_checkpoint_in_float16(pair_model):
+    """--outtype f16, as llama.cpp ships mmproj files: the weight matrices in F16 (norms, biases and the
+    embeddings F32). Loaded, it equals the safetensors checkpoint with those same tensors rounded to float16."""
+    f16 = mm.read_mmproj(PAIR / "mmproj-f16.gguf")
+    types = {name: f16.tensor_info(name).type_name for name in f16.tensor_names}
+    assert types["v.blk.0.attn_q.weight"] == types["v.blk.1.ffn_down.weight"] == "F16"
+    assert types["v.patch_embd.weight"] == types["v.position_embd.weight"] == types["v.blk.0.ln1.weight"] == "F32"
+    in_f16 = {hf for name, hf in mm.mmproj_tensor_name_map(2).items() if types[name] == "F16"}
+    weights = {
+        name: value.astype(np.float16).astype(np.float32) if name in in_f16 else value
+        for name, value in read_checkpoint(PAIR / "hf").items()
+    }
+    rounded = minilm.Gemma3ForConditionalGeneration(pair_model.config, params=weights)
+    loaded = minilm.from_pretrained(PAIR / "text.gguf", mmproj=PAIR / "mmproj-f16.gguf")
+    ref = np.load(PAIR / "reference.npz")
+    a, b = loaded.get_image_features(ref["pixel_values"]), rounded.get_image_features(ref["pixel_values"])
+    assert_close(a.last_hidden_state, b.last_hidden_state, None, "f16 mmproj features")
+    assert_close(a.pooler_output, b.pooler_output, None, "f16 mmproj soft tokens")
+    # float16 weights are not the checkpoint's: the features move, visibly and a little
+    f16_effect = max_diff(a.last_hidden_state, ref["vision_features"])
+    assert 1e-5 < f16_effect < 1e-2 * np.abs(ref["vision_features"]).max()
 
 
 def cupy_ready():

@@ -1,5 +1,6 @@
-"""keras-hub's Gemma3Backbone (text): its constructor arguments mapped onto `Gemma3TextConfig`, and
-its embedding-model head (EmbeddingGemma's pooling) on top of the sequence output."""
+"""keras-hub's Gemma3Backbone: its constructor arguments mapped onto `Gemma3TextConfig`, its
+embedding-model head (EmbeddingGemma's pooling) on top of the sequence output, and its vision
+encoder's soft tokens placed among the token embeddings (`gemma3_vision.py`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .gemma3_vision import (
 
 
 class Gemma3Backbone(Backbone):
-    """keras-hub's Gemma3Backbone arguments on top of Gemma3TextModel (text only).
+    """keras-hub's Gemma3Backbone arguments on top of Gemma3TextModel (with images: vision_encoder below).
 
     keras-hub's layer pattern is fixed: with use_sliding_window_attention, layer i is local when
     i % 6 < 5; local layers use RoPE base 10 000 and global ones 1 000 000, each with its own
