@@ -15,6 +15,9 @@ matter, with seeded random weights moved away from their init, run on a small pa
                                                    "pooled_output"
     tests/fixtures/keras/<name>/reference.json     keras-hub's get_config() and count_params(), the
                                                    weight names, the versions, notes
+    gemma3_vision*/ (Gemma3Backbone with a Gemma3VisionEncoder) also save the images, vision_mask and
+    vision_indices, keras-hub's vision features ("vision_features", the tower before pooling) and the
+    encoder's output ("image_embeddings"); their weights, inputs and layouts: see VISION_CASES below
 
 Run it in the oracle's own virtual environment (never minilm's), from the repository root:
 
