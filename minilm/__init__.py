@@ -30,6 +30,7 @@ from .io.load import from_pretrained
 from .keras.backbone import Backbone
 from .keras.bloom import BloomBackbone
 from .keras.gemma3 import Gemma3Backbone
+from .keras.gemma3_vision import Gemma3VisionEncoder
 from .keras.phi3 import Phi3Backbone
 from .keras.qwen3_moe import Qwen3MoeBackbone
 from .modeling import ModelOutput
@@ -42,6 +43,8 @@ from .models.bloom import (
     BloomModel,
 )
 from .models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
+from .models.gemma3_multimodal import Gemma3ForConditionalGeneration, Gemma3Model
+from .models.gemma3_vision import Gemma3Config, SiglipVisionConfig
 from .models.phi3 import (
     Phi3Config,
     Phi3ForCausalLM,
@@ -74,9 +77,13 @@ __all__ = [
     "ConfigError",
     "Conversation",
     "Gemma3Backbone",
+    "Gemma3Config",
     "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Gemma3Model",
     "Gemma3TextConfig",
     "Gemma3TextModel",
+    "Gemma3VisionEncoder",
     "InputError",
     "KVCache",
     "MinilmError",
@@ -95,6 +102,7 @@ __all__ = [
     "Qwen3MoeForSequenceClassification",
     "Qwen3MoeForTokenClassification",
     "Qwen3MoeModel",
+    "SiglipVisionConfig",
     "SlidingWindowCache",
     "UnknownArchitectureError",
     "capture",

@@ -18,6 +18,7 @@ from .errors import InputError
 from .generation import generate_tokens
 from .io.chat_templates import chat_template_for
 from .io.default_model import default_model_parts
+from .io.image_processor import GEMMA3_CHAT_TEMPLATE, Gemma3ImageProcessor, Gemma3Processor
 from .io.load import from_pretrained, resolve_handle
 from .io.tokenizer import Tokenizer
 
@@ -74,6 +75,7 @@ def generate(
     stats=None,
     chat_template=None,
     conversation=None,
+    images=None,
 ):
     """Continue `prompt` (a string, or a list of strings for a batch) with a language model.
 
@@ -92,6 +94,10 @@ def generate(
     conversation: a `minilm.Conversation` of the same model: `prompt` (one string: the text of a new
       turn, e.g. from `conversation.text_after_reply`) is appended to it, only its tokens go through
       the model (the earlier turns come from the KV cache), and the answer's tokens stay in it.
+    images: for a model that reads images (Gemma 3 4B and up, model_type gemma3), the images of the
+      prompt (paths, PIL images or uint8 arrays; a list of lists for a batch), one per placeholder
+      `<start_of_image>` in the prompt or per {"type": "image"} content part of the messages (rendered
+      with Gemma 3's chat template when the checkpoint stores none). A text-only model refuses them.
     Returns the generated text (a list of texts for a batch), without the prompt.
     Runs on the backend the program chose, else on `ops.FAST_CPU_BACKEND` (compiled CPU kernels).
     """
@@ -105,6 +111,10 @@ def generate(
         do_sample = False  # temperature 0 means greedy
     backend = _generate_backend()
     loaded, tokenizer = load(resolve_model(model), dtype, backend)
+    if images is not None:
+        _check_reads_images(loaded, model)
+        if chat_template is None and not tokenizer.chat_template:
+            chat_template = GEMMA3_CHAT_TEMPLATE  # image content parts need a template that knows them
     texts, batched = _prompts(prompt, messages, tokenizer, chat_template)
     if stream and batched:
         raise InputError("stream=True takes one prompt, not a batch")
@@ -114,13 +124,21 @@ def generate(
         temperature = 1.0  # unused: greedy
     eos = _eos_ids(loaded, tokenizer)
     if conversation is not None:
+        if images is not None:
+            raise InputError("images= with conversation= is not implemented: start a new conversation per image prompt")
         return _continue(conversation, loaded, tokenizer, texts, batched, add_bos and messages is None, eos, stops,
                          stream, stats, backend, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-    ids, mask = _left_pad(
-        [tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts], tokenizer.pad_token_id or 0
-    )
+    prefill = None  # what only the prompt's forward pass reads: the images
+    if images is None:
+        ids, mask = _left_pad(
+            [tokenizer.encode(t, add_bos=add_bos and messages is None) for t in texts], tokenizer.pad_token_id or 0
+        )
+    else:
+        inputs = _image_inputs(loaded, tokenizer, model, texts, images, batched, add_bos and messages is None)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        prefill = {"pixel_values": inputs.get("pixel_values"), "token_type_ids": inputs["token_type_ids"]}
     tokens = generate_tokens(
         loaded,
         ids,
@@ -134,6 +152,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         eos_token_id=eos,
         seed=seed,
+        prefill_inputs=prefill,
     )
     tokens = _on_backend(tokens, backend)
     if stats is not None:
@@ -166,6 +185,30 @@ def _continue(conversation, model, tokenizer, texts, batched, add_bos, eos, stop
         tokens = _timed(tokens, stats, len(new_ids) + pending)
     pieces = _stream(tokens, tokenizer, eos, stops)
     return pieces if stream else "".join(pieces)
+
+
+def _check_reads_images(model, name):
+    """InputError unless the model has a vision tower (a config with a vision_config)."""
+    if getattr(model.config, "vision_config", None) is None:
+        what = "the shipped Gemma 3 270M" if name is None else str(name)
+        raise InputError(
+            f"{what} is a text-only model ({type(model).__name__}): it cannot read images; images need a "
+            "multimodal checkpoint (Gemma 3 4B and up, config.json model_type 'gemma3')"
+        )
+
+
+def _image_inputs(model, tokenizer, name, texts, images, batched, add_bos):
+    """Token ids with each image placeholder laid out, token_type_ids and pixel_values
+    (`minilm.io.image_processor.Gemma3Processor`), for the prompts and their images."""
+    path = resolve_model(name)
+    if path is not None and path.is_dir():
+        image_processor = Gemma3ImageProcessor.from_pretrained(path, model.config)
+    else:
+        image_processor = Gemma3ImageProcessor.from_config(model.config)
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    processor = Gemma3Processor(tokenizer, model.config, image_processor)
+    return processor(texts if batched else texts[0], images=images, add_bos=add_bos)
 
 
 def _stop_strings(stop):

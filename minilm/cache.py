@@ -14,12 +14,13 @@ from . import nn
 from .errors import ConfigError
 
 
-def mask_for_cached_keys(attention_mask, q_idx, kv_seq, window=None):
+def mask_for_cached_keys(attention_mask, q_idx, kv_seq, window=None, image_blocks=None):
     """The attention mask for the keys a cache returned. Every cache here returns the LAST kv_seq
     positions, oldest first: `KVCache` all of them, `SlidingWindowCache` (for a sliding layer) the
     ones a window can still see; without a cache the keys are this call's own positions.
 
-    attention_mask: (batch, past + seq) 0/1 or None; q_idx: (seq,) the queries' positions
+    attention_mask: (batch, past + seq) 0/1 or None; q_idx: (seq,) the queries' positions;
+    image_blocks: (batch, past + seq) or None, tokens of one image see each other (`nn.same_image_mask`)
     -> (batch or 1, 1, seq, kv_seq) bool
 
     sliding_window=3, KVCache     k: 0 1 2 3 4       SlidingWindowCache  k: 2 3 4
@@ -28,7 +29,7 @@ def mask_for_cached_keys(attention_mask, q_idx, kv_seq, window=None):
     end = q_idx[-1] + 1
     k_idx = np.arange(end - kv_seq, end)  # (kv_seq,) the keys' positions
     padding = None if attention_mask is None else attention_mask[:, k_idx]  # (batch, kv_seq)
-    return nn.attention_mask_4d(padding, q_idx, k_idx, window)
+    return nn.attention_mask_4d(padding, q_idx, k_idx, window, image_blocks)
 
 
 class KVCache:

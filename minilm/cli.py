@@ -4,6 +4,8 @@
     python -m minilm                                 interactive session (also -i); --chat for chat turns
     echo "Once upon a time" | python -m minilm -     the prompt from stdin
     python -m minilm --batch prompts.txt             one prompt per line -> one JSON line per prompt
+    python -m minilm --model DIR --image cat.png "Describe the image:"   a prompt with an image
+                                                     (a multimodal Gemma 3 checkpoint; --image repeats)
     python -m minilm cache [--clear [--yes]]         what minilm keeps in $MINILM_CACHE (~/.cache/minilm)
                                                      (to continue the word "cache": python -m minilm -- cache)
 
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -74,6 +77,14 @@ def parser():
         default=None,
         help="a .gguf file, a Hugging Face checkpoint folder or hf://owner/name from the local "
         "Hugging Face cache (default: the shipped Gemma 3 270M, Q4_K_M)",
+    )
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        action="append",
+        default=None,
+        help="an image for a model that reads images (repeatable): one per <start_of_image> in the prompt, or "
+        "put in front of a prompt that has none (with --chat: image parts of the user message)",
     )
     g = p.add_argument_group("generation")
     g.add_argument(
@@ -207,6 +218,12 @@ def check_args(args):
     if len(modes) > 1:
         raise UsageError(f"give one of a prompt, --batch FILE or --interactive, not {' and '.join(modes)}")
     args.interactive = args.interactive or not modes
+    if args.image is not None:
+        if args.prompt is None:
+            raise UsageError("--image goes with one prompt on the command line (not --batch or --interactive)")
+        missing = [path for path in args.image if not os.path.isfile(path)]
+        if missing:
+            raise UsageError(f"--image: no such file: {missing[0]}")
 
     # sampling, in command-line terms: --temperature 0 (or none) is greedy
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -334,12 +351,18 @@ class Session:
         start = time.perf_counter()
         self.model, self.tokenizer = api.load(path, args.dtype, self.backend)
         console.info(f"loaded in {time.perf_counter() - start:.1f} s")
+        if args.image:
+            api._check_reads_images(self.model, args.model)  # a text-only model refuses images, before warm-up
         self.template = None
         self.conversation = None  # interactive chat: a minilm.Conversation (token ids + KV cache)
         if args.chat:
             from .io.chat_templates import chat_template_for
+            from .io.image_processor import GEMMA3_CHAT_TEMPLATE
 
-            self.template, source = chat_template_for(self.tokenizer, args.template_text)
+            if args.image and args.template_text is None and not self.tokenizer.chat_template:
+                self.template, source = GEMMA3_CHAT_TEMPLATE, "built-in gemma3"  # it knows image content parts
+            else:
+                self.template, source = chat_template_for(self.tokenizer, args.template_text)
             if source == "given":
                 console.info(f"chat template: {args.chat_template}")
             elif source.startswith("built-in"):
@@ -435,6 +458,7 @@ class Session:
             seed=a.seed,
             stop=a.stop,
             dtype=a.dtype,
+            images=a.image,
         )
 
     def answer(self, text, *, templated, conversation=None):
@@ -513,9 +537,15 @@ def _ctrl_c_requests_a_stop():
 
 
 def run_once(session, args, console):
-    if args.chat:
+    images = args.image or []
+    if args.chat and images:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+        session.answer(session.render([{"role": "user", "content": content}]), templated=True)
+    elif args.chat:
         session.answer(session.render([{"role": "user", "content": args.prompt}]), templated=True)
     else:
+        if images and "<start_of_image>" not in args.prompt:  # the images go in front of the text
+            args.prompt = "<start_of_image>" * len(images) + args.prompt
         console.write(args.prompt)  # the continuation follows the prompt, as llama-cli prints it
         _, interrupted = session.answer(args.prompt, templated=False)
         if interrupted:

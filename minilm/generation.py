@@ -150,12 +150,15 @@ def generate(
     eos_token_id=None,
     pad_token_id=None,
     seed=None,
+    prefill_inputs=None,
 ):
     """Generate up to `max_new_tokens` tokens after a (left-padded) batch of prompts.
 
     input_ids: (batch, seq); attention_mask: (batch, seq) with 0 on the left padding.
     Returns (batch, seq + new) int64: prompt + new ids, transformers' convention. A row that
     emits an EOS token continues with pad_token_id until every row is done.
+    prefill_inputs: extra arguments of the forward pass that runs the prompt, and only of that one
+    (Gemma 3's pixel_values and token_type_ids: images are read once, then the KV cache holds them).
     """
     input_ids = check_prompt_ids(input_ids)
     columns = [input_ids]
@@ -173,6 +176,7 @@ def generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         seed=seed,
+        prefill_inputs=prefill_inputs,
     ):
         columns.append(tokens[:, None])
     return np.concatenate(columns, axis=1)
@@ -195,6 +199,7 @@ def generate_tokens(
     seed=None,
     past_key_values=None,
     state=None,
+    prefill_inputs=None,
 ):
     """The generation loop as an iterator: yields each new column of tokens, (batch,) int64.
 
@@ -206,6 +211,8 @@ def generate_tokens(
     state: a dict the loop keeps up to date after every forward pass: "past_key_values" (the
       cache, which now holds every id fed so far) and "fed" (how many positions that is). The
       token just yielded is not fed yet: the cache always ends one token short of the sequence.
+    prefill_inputs: extra arguments of the forward pass that runs the prompt, and only of that one
+      (Gemma 3's pixel_values and token_type_ids: images are read once, then the KV cache holds them).
     """
     input_ids = check_prompt_ids(input_ids)
     check_sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
@@ -243,6 +250,7 @@ def generate_tokens(
             positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1] :]  # (batch, seq)
         else:  # one new token per row, never padding: the position after the previous one
             positions = positions[:, -1:] + 1  # (batch, 1), without a cumsum over the whole mask
+        prefill = {k: v for k, v in (prefill_inputs or {}).items() if v is not None} if cache is None else {}
         out = model(
             input_ids=step_ids,
             attention_mask=attention_mask,
@@ -250,6 +258,7 @@ def generate_tokens(
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **prefill,  # the prompt's images (Gemma 3), in the first step only
         )
         cache = out.past_key_values
         if state is not None:

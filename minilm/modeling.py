@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops
+from . import nn, ops
 from .cache import KVCache, mask_for_cached_keys
 from .config import read_config_json
 from .errors import CheckpointError, ConfigError, InputError
@@ -42,6 +42,8 @@ class ModelOutput:
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     router_logits: tuple | None = None
+    image_hidden_states: object = None  # Gemma 3: the images' soft tokens (num_images, mm_tokens_per_image, hidden)
+    pooler_output: object = None  # get_image_features: the soft tokens (last_hidden_state: the vision features)
 
     def __getitem__(self, key):
         return getattr(self, key)
@@ -459,12 +461,14 @@ def prepare_inputs(
     past_key_values=None,
     use_cache=None,
     new_cache=None,
+    token_type_ids=None,
 ):
     """Everything a family's model function starts from, checked and set up once (`ForwardInputs`).
 
     weights: any weight of the model; small arrays built on the host (masks, positions, cos/sin)
       are placed next to it. new_cache(config): the cache `use_cache=True` starts with when none
-      is passed (default: `KVCache`, which keeps every position)."""
+      is passed (default: `KVCache`, which keeps every position). token_type_ids (Gemma 3 with
+      images): (batch, past + seq), 1 on image tokens; tokens of one image attend to each other."""
     past = past_key_values.get_seq_length() if past_key_values is not None else 0
     input_ids, inputs_embeds, attention_mask, batch, seq = check_model_inputs(
         config, input_ids, inputs_embeds, attention_mask, position_ids, past
@@ -473,8 +477,28 @@ def prepare_inputs(
         past_key_values = new_cache(config) if new_cache else KVCache(config.num_hidden_layers)
     if position_ids is None:
         position_ids = np.arange(past, past + seq)[None]  # (1, seq); generate() passes mask-aware positions
+    image_blocks = None
+    if token_type_ids is not None:
+        token_type_ids = np.asarray(token_type_ids)
+        if token_type_ids.shape != (batch, past + seq):
+            raise InputError(
+                f"token_type_ids has shape {token_type_ids.shape} but the input needs (batch, past + seq) = "
+                f"({batch}, {past + seq}): one entry per token from the start of the sequence"
+            )
+        if not ((token_type_ids == 0) | (token_type_ids == 1)).all():
+            raise InputError("token_type_ids must hold only 0 (text) and 1 (image token)")
+        image_blocks = nn.image_block_ids(token_type_ids)  # (batch, past + seq)
     return ForwardInputs(
-        input_ids, inputs_embeds, attention_mask, np.asarray(position_ids), past_key_values, past, batch, seq, weights
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        np.asarray(position_ids),
+        past_key_values,
+        past,
+        batch,
+        seq,
+        weights,
+        image_blocks=image_blocks,
     )
 
 
@@ -487,13 +511,16 @@ class ForwardInputs:
         position_ids    (batch or 1, seq): as given, else past .. past + seq - 1
         cache           the KV cache, or None (no cache passed and use_cache off)
         past            positions already in the cache (0 without one)
+        image_blocks    (batch, past + seq) image index per token, -1 for text; or None (`nn.image_block_ids`)
 
     `embed` looks the ids up, `mask` builds the attention mask for the keys a layer attends to,
     `place` puts a host-built array where the weights live, `output` assembles the result."""
 
-    def __init__(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, past, batch, seq, weights):
+    def __init__(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, past, batch, seq, weights,
+                 image_blocks=None):  # fmt: skip
         self.input_ids, self.inputs_embeds, self.attention_mask = input_ids, inputs_embeds, attention_mask
         self.position_ids, self.cache, self.past, self.batch, self.seq = position_ids, cache, past, batch, seq
+        self.image_blocks = image_blocks
         self._weights = weights
         self._masks = {}
 
@@ -511,12 +538,13 @@ class ForwardInputs:
 
     def mask(self, window=None, kv_seq=None):
         """(batch or 1, 1, seq, kv_seq) bool: may query i attend to key j? Causal, within `window`
-        when given, never to padding. The keys are the last kv_seq positions a cache returned
+        when given, never to padding; tokens of one image see each other both ways when the input has
+        image blocks. The keys are the last kv_seq positions a cache returned
         (default: all past + seq). Built once per (window, kv_seq) and shared by the layers."""
         kv_seq = self.past + self.seq if kv_seq is None else kv_seq
         if (window, kv_seq) not in self._masks:
             q_idx = np.arange(self.past, self.past + self.seq)  # the queries' columns in attention_mask
-            mask = mask_for_cached_keys(self.attention_mask, q_idx, kv_seq, window)
+            mask = mask_for_cached_keys(self.attention_mask, q_idx, kv_seq, window, self.image_blocks)
             self._masks[window, kv_seq] = self.place(mask)
         return self._masks[window, kv_seq]
 

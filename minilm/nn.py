@@ -156,10 +156,11 @@ def padding_mask(attention_mask):
     return (np.asarray(attention_mask) != 0)[:, None, None, :]
 
 
-def attention_mask_4d(attention_mask, q_idx, k_idx, sliding_window=None):
+def attention_mask_4d(attention_mask, q_idx, k_idx, sliding_window=None, image_blocks=None):
     """Combine causal (or sliding-window) and padding masks into one boolean mask.
 
     attention_mask: (batch, kv_seq) 0/1 or None; q_idx: (seq,); k_idx: (kv_seq,)
+    image_blocks: (batch, past + seq) from `image_block_ids`, or None (text only)
     -> (batch or 1, 1, seq, kv_seq) bool, True where the query may attend to the key.
     """
     if sliding_window is None:
@@ -167,9 +168,42 @@ def attention_mask_4d(attention_mask, q_idx, k_idx, sliding_window=None):
     else:
         allowed = sliding_window_mask(q_idx, k_idx, sliding_window)
     allowed = allowed[None, None]  # (1, 1, seq, kv_seq)
+    if image_blocks is not None:  # Gemma 3: tokens of one image also see each other's later tokens
+        allowed = allowed | same_image_mask(image_blocks, q_idx, k_idx, sliding_window)  # (batch, 1, seq, kv_seq)
     if attention_mask is not None:
         allowed = allowed & padding_mask(attention_mask)  # (batch, 1, seq, kv_seq)
     return allowed
+
+
+def image_block_ids(token_type_ids):
+    """Number the images of each row: every run of image tokens (token_type_ids == 1) gets the
+    index of its image, 0, 1, ...; text tokens get -1 (transformers' block_sequence_ids).
+
+        token_type_ids  0 0 1 1 1 0 0 1 1 0
+        image blocks   -1 -1 0 0 0 -1 -1 1 1 -1
+
+    token_type_ids: (batch, seq) -> (batch, seq) int64"""
+    is_image = np.asarray(token_type_ids) == 1
+    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]  # an image token after a non-image one
+    return np.where(is_image, np.cumsum(starts, axis=1) - 1, -1)
+
+
+def same_image_mask(image_blocks, q_idx, k_idx, sliding_window=None):
+    """Query and key are tokens of the same image: they attend to each other in both directions
+    (Gemma 3; text stays causal). On a sliding layer only keys inside the window count, as in
+    transformers (sliding AND (causal OR same image)); a later key of the image is always inside.
+
+        text t, image tokens i (one image)   k: t i i i t
+                                        q=i     x x x x .      causal would stop at the diagonal
+                                        q=t     x x x x x
+
+    image_blocks: (batch, past + seq) from `image_block_ids`; q_idx: (seq,); k_idx: (kv_seq,)
+    -> (batch, 1, seq, kv_seq) bool"""
+    q_blocks, k_blocks = image_blocks[:, q_idx], image_blocks[:, k_idx]  # (batch, seq), (batch, kv_seq)
+    same = (q_blocks[:, :, None] == k_blocks[:, None, :]) & (q_blocks[:, :, None] >= 0)  # (batch, seq, kv_seq)
+    if sliding_window is not None:
+        same = same & (k_idx[None, :] > q_idx[:, None] - sliding_window)[None]
+    return same[:, None]
 
 
 def position_ids_from_attention_mask(attention_mask):

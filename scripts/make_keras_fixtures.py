@@ -15,6 +15,9 @@ matter, with seeded random weights moved away from their init, run on a small pa
                                                    "pooled_output"
     tests/fixtures/keras/<name>/reference.json     keras-hub's get_config() and count_params(), the
                                                    weight names, the versions, notes
+    gemma3_vision*/ (Gemma3Backbone with a Gemma3VisionEncoder) also save the images, vision_mask and
+    vision_indices, keras-hub's vision features ("vision_features", the tower before pooling) and the
+    encoder's output ("image_embeddings"); their weights, inputs and layouts: see VISION_CASES below
 
 Run it in the oracle's own virtual environment (never minilm's), from the repository root:
 
@@ -70,6 +73,7 @@ import safetensors  # noqa: E402
 import torch  # noqa: E402
 from keras_hub.src.models.bloom.bloom_backbone import BloomBackbone  # noqa: E402
 from keras_hub.src.models.gemma3.gemma3_backbone import Gemma3Backbone  # noqa: E402
+from keras_hub.src.models.gemma3.gemma3_vision_encoder import Gemma3VisionEncoder  # noqa: E402
 from keras_hub.src.models.phi3.phi3_backbone import Phi3Backbone  # noqa: E402
 from keras_hub.src.models.qwen3_moe import qwen3_moe_attention  # noqa: E402
 from keras_hub.src.models.qwen3_moe.qwen3_moe_backbone import Qwen3MoeBackbone  # noqa: E402
@@ -580,23 +584,265 @@ def write(name, seed):
     return meta
 
 
+# ----------------------------------------------------------------------------------------------
+# Gemma 3 with its vision encoder (images + text): keras-hub's own vision test, and a padded variant
+# ----------------------------------------------------------------------------------------------
+#
+# keras_hub/src/models/gemma3/gemma3_backbone_test.py (setUp, "text_and_vision"): the text arguments
+# above plus this Gemma3VisionEncoder; 16x16 images cut into 4x4 patches (16 patches, pooled 2x2 ->
+# 4 soft tokens per image), 3 image slots per prompt, 2 rows of 64 tokens. Its count_params(): 7560
+# (text 5752 + vision 1808).
+#
+# Weight layout, keras-hub's vision encoder -> Hugging Face (transformers' SiglipVisionModel and
+# Gemma3MultiModalProjector names; V = vision hidden_dim, p = patch_size, m = intermediate_dim):
+#
+#   image_encoder/encoder_embeddings/embedding_conv/kernel   (p, p, 3, V)  channels last, HWIO
+#       -> vision_tower.vision_model.embeddings.patch_embedding.weight     (V, 3, p, p)  OIHW: transpose(3, 2, 0, 1)
+#   .../embedding_conv/bias (V,) -> ...patch_embedding.bias
+#   .../position_embedding/embeddings (patches, V) -> ...embeddings.position_embedding.weight   same
+#   encoder_block_i/layer_norm_1/{gamma,beta} -> encoder.layers.i.layer_norm1.{weight,bias}   (LayerNorm, not RMSNorm)
+#   encoder_block_i/multi_head_attention/{query,key,value,out}_proj/kernel (V, V)
+#       -> encoder.layers.i.self_attn.{q,k,v,out}_proj.weight (V, V): transposed; unfused, each with a bias;
+#          heads are contiguous blocks of head_dim = V // num_heads columns (as in HF's rows)
+#   encoder_block_i/layer_norm_2 -> layer_norm2;  mlp_dense_1 (V, m) -> mlp.fc1 (m, V);  mlp_dense_2 -> mlp.fc2
+#   image_encoder/encoder_layer_norm -> vision_tower.vision_model.post_layernorm
+#   vision_output_encoder/vision_soft_embedding_norm/scale (V,) -> multi_modal_projector.mm_soft_emb_norm.weight
+#       Gemma's RMSNorm: x / rms(x) * (1 + scale), the stored value is the offset from one in both
+#   vision_output_encoder/vision_input_projection/kernel (V, hidden_dim)
+#       -> multi_modal_projector.mm_input_projection_weight (V, hidden_dim): the same array (x @ W in both)
+#
+# Images: keras-hub takes (batch, images_per_prompt, H, W, 3) channels last; transformers' pixel_values are
+# (batch * images_per_prompt, 3, H, W). Patches are numbered row by row in both (conv output (H/p, W/p, V)
+# flattened), and both pool with a pool_size x pool_size average over that grid (keras' AveragePooling2D,
+# torch's AvgPool2d), so soft token t of an image is the same vector in both.
+#
+# vision_indices (batch, images_per_prompt * tokens_per_image): where each soft token goes in the row, image
+# by image; a row with fewer images pads with index 0, whose text embedding keras-hub puts back afterwards
+# (so a sequence never starts with an image token). vision_mask (batch, seq): 1 at the image tokens; every
+# contiguous run of 1s attends bidirectionally (two images side by side form one run, as in transformers'
+# token_type_ids groups).
+
+GEMMA3_VISION_ENCODER_TEST = dict(
+    image_size=16, patch_size=4, pool_size=2, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16, output_dim=8
+)
+VISION_SEQ = 64
+
+
+def vision_test_inputs(rng):
+    """keras-hub's test inputs: row 0 has images at 20..27 (two, side by side) and 60..63, row 1 at 16..23
+    and 60..63; no padding. (keras-hub's test draws token ids with np.random.rand, which truncate to id 0;
+    here they are random ids in [1, vocab).)"""
+    ids = rng.integers(1, 256, size=(2, VISION_SEQ)).astype(np.int32)
+    vision_mask = np.zeros((2, VISION_SEQ), np.int32)
+    vision_mask[0, 20:28] = vision_mask[0, 60:64] = 1
+    vision_mask[1, 16:24] = vision_mask[1, 60:64] = 1
+    vision_indices = np.array([list(range(20, 28)) + list(range(60, 64)), list(range(16, 24)) + list(range(60, 64))])
+    padding_mask = np.ones((2, VISION_SEQ), np.int32)
+    images = rng.random((2, 3, 16, 16, 3)).astype(np.float32)
+    return ids, padding_mask, images, vision_mask, vision_indices
+
+
+def vision_padded_inputs(rng):
+    """Three rows, 3 image slots each: row 0 three images (positions 4..7, 12..15, 30..33), row 1 left-padded by
+    6 with one image (10..13; its other slots index 0, images of zeros), row 2 right-padded by 8, no image at
+    all (every index 0)."""
+    seq = 40
+    ids = rng.integers(1, 256, size=(3, seq)).astype(np.int32)
+    padding_mask = np.ones((3, seq), np.int32)
+    padding_mask[1, :6] = 0
+    padding_mask[2, seq - 8 :] = 0
+    vision_indices = np.zeros((3, 12), np.int64)
+    vision_indices[0] = list(range(4, 8)) + list(range(12, 16)) + list(range(30, 34))
+    vision_indices[1, :4] = range(10, 14)
+    vision_mask = np.zeros((3, seq), np.int32)
+    for row, count in ((0, 12), (1, 4)):
+        vision_mask[row, vision_indices[row, :count]] = 1
+    images = rng.random((3, 3, 16, 16, 3)).astype(np.float32)
+    images[1, 1:] = 0.0
+    images[2] = 0.0
+    return ids * padding_mask, padding_mask, images, vision_mask, vision_indices
+
+
+VISION_CASES = {
+    # name: (text arguments, vision encoder arguments, inputs, what it exercises)
+    "gemma3_vision": (
+        GEMMA3_TEST,
+        GEMMA3_VISION_ENCODER_TEST,
+        vision_test_inputs,
+        "keras-hub's vision test: Gemma3VisionEncoder(16x16 images, 4x4 patches, pool 2 -> 4 tokens) in the text "
+        "test's backbone; 3 images per row, two of them side by side",
+    ),
+    "gemma3_vision_padded": (
+        GEMMA3_TEST,
+        GEMMA3_VISION_ENCODER_TEST,
+        vision_padded_inputs,
+        "the same model on padded rows: three images, one image with two empty slots and left padding, no image "
+        "with right padding (vision_indices padded with 0)",
+    ),
+}
+VISION_NOTES = {
+    "images": "images (batch, images_per_prompt, H, W, 3) in [0, 1), channels last; pixel_values for transformers "
+    "are images.reshape(-1, H, W, 3).transpose(0, 3, 1, 2). Empty image slots hold zeros and index 0.",
+    "layer_norm_epsilon": "keras-hub 0.32's Gemma3VisionEncoder passes layer_norm_epsilon only to the soft-embedding "
+    "RMSNorm: its encoder LayerNorms and post LayerNorm always use 1e-6 (transformers: vision_config.layer_norm_eps "
+    "everywhere). The fixtures keep 1e-6.",
+    "weights": "as the text fixtures; the vision input projection is perturbed by N(0, 1/sqrt(vision hidden_dim)) "
+    "(its init N(0, 0.01) would make the soft tokens 100 times smaller than the text embeddings and images barely "
+    "matter).",
+}
+
+
+def gemma3_vision_to_hf(vision_encoder):
+    """keras-hub's Gemma3VisionEncoder weights -> transformers' names (the table above)."""
+    encoder = vision_encoder.get_layer("image_encoder")
+    output = vision_encoder.get_layer("vision_output_encoder")
+    v = "vision_tower.vision_model."
+    conv = encoder.vision_embeddings.patch_embedding
+    tensors = {
+        v + "embeddings.patch_embedding.weight": np.ascontiguousarray(t(conv.kernel).transpose(3, 2, 0, 1)),
+        v + "embeddings.patch_embedding.bias": t(conv.bias),
+        v + "embeddings.position_embedding.weight": t(encoder.vision_embeddings.position_embedding.embeddings),
+    }
+    for i, block in enumerate(encoder.resblocks):
+        p, attn = f"{v}encoder.layers.{i}.", block.attn
+        tensors |= layer_norm(p + "layer_norm1", block.layer_norm_1)
+        for hf, dense_layer in (("q", attn.query_proj), ("k", attn.key_proj), ("v", attn.value_proj)):
+            tensors[p + f"self_attn.{hf}_proj.weight"] = dense(dense_layer.kernel)
+            tensors[p + f"self_attn.{hf}_proj.bias"] = t(dense_layer.bias)
+        tensors |= {
+            p + "self_attn.out_proj.weight": dense(attn.out_proj.kernel),
+            p + "self_attn.out_proj.bias": t(attn.out_proj.bias),
+            p + "mlp.fc1.weight": dense(block.mlp_dense_1.kernel),
+            p + "mlp.fc1.bias": t(block.mlp_dense_1.bias),
+            p + "mlp.fc2.weight": dense(block.mlp_dense_2.kernel),
+            p + "mlp.fc2.bias": t(block.mlp_dense_2.bias),
+        }
+        tensors |= layer_norm(p + "layer_norm2", block.layer_norm_2)
+    tensors |= layer_norm(v + "post_layernorm", encoder.encoder_layer_norm)
+    tensors["multi_modal_projector.mm_soft_emb_norm.weight"] = t(output.vision_soft_embedding_norm.scale)
+    tensors["multi_modal_projector.mm_input_projection_weight"] = t(output.vision_input_projection.kernel)
+    return tensors
+
+
+def minilm_vision_config(keras_config):
+    """keras-hub's get_config() with a vision encoder, as minilm's preset config: the vision encoder's own
+    serialised config reduced the same way ({"class_name": "Gemma3VisionEncoder", "config": {...}})."""
+    config = minilm_config(keras_config)
+    encoder = keras_config["vision_encoder"]
+    config["vision_encoder"] = {"class_name": encoder["class_name"], "config": minilm_config(encoder["config"])}
+    return config
+
+
+def build_vision(name, seed):
+    text_kwargs, vision_kwargs, make, description = VISION_CASES[name]
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    vision_encoder = Gemma3VisionEncoder(**vision_kwargs)
+    backbone = Gemma3Backbone(**text_kwargs, vision_encoder=vision_encoder)
+    perturb(backbone, seed)
+    projection = vision_encoder.get_layer("vision_output_encoder").vision_input_projection.kernel
+    rng = np.random.default_rng(seed)
+    projection.assign(
+        (t(projection) + rng.normal(0.0, vision_kwargs["hidden_dim"] ** -0.5, projection.shape)).astype(np.float32)
+    )
+    ids, mask, images, vision_mask, vision_indices = make(np.random.default_rng(seed + 1))
+    inputs = {
+        "token_ids": ids,
+        "padding_mask": mask,
+        "images": images,
+        "vision_mask": vision_mask,
+        "vision_indices": vision_indices.astype(np.int32),
+    }
+    hidden = backbone(inputs)
+    logits = backbone.token_embedding(hidden, reverse=True)
+    flat_images = images.reshape((-1,) + images.shape[2:])[:, None]  # (batch * images, 1, H, W, 3)
+    features = vision_encoder.get_layer("image_encoder")(flat_images)  # (batch * images, patches, V)
+    image_embeddings = vision_encoder(images)  # (batch * images, tokens per image, hidden_dim)
+
+    def numpy(x):
+        return np.asarray(x.detach().cpu().numpy(), np.float32)
+
+    arrays = {
+        "token_ids": ids.astype(np.int64),
+        "padding_mask": mask.astype(np.int64),
+        "images": images,
+        "vision_mask": vision_mask.astype(np.int64),
+        "vision_indices": vision_indices.astype(np.int64),
+        "vision_features": numpy(features),
+        "image_embeddings": numpy(image_embeddings),
+        "hidden": numpy(hidden),
+        "logits": numpy(logits),
+    }
+    keep = mask.astype(bool)
+    without_mask = backbone({**inputs, "vision_mask": np.zeros_like(vision_mask)})  # every image token causal
+    blank = backbone({**inputs, "images": np.zeros_like(images)})
+    meta = {
+        "fixture": name,
+        "description": description,
+        "keras_hub_class": "Gemma3Backbone",
+        "init_kwargs": {**text_kwargs, "vision_encoder": {"Gemma3VisionEncoder": vision_kwargs}},
+        "get_config": backbone.get_config(),
+        "count_params": int(backbone.count_params()),
+        "vision_encoder_count_params": int(vision_encoder.count_params()),
+        "num_vision_tokens_per_image": int(vision_encoder.num_vision_tokens_per_image),
+        "versions": {
+            "keras_hub": keras_hub.__version__,
+            "keras": keras.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "safetensors": safetensors.__version__,
+            "keras_backend": keras.config.backend(),
+        },
+        "seed": seed,
+        "notes": {**NOTES, **VISION_NOTES},
+        "effects": {
+            "bidirectional_image_attention": float(np.abs(numpy(without_mask) - arrays["hidden"])[keep].max()),
+            "images": float(np.abs(numpy(blank) - arrays["hidden"])[keep].max()),
+        },
+    }
+    tensors = gemma3_to_hf(backbone) | gemma3_vision_to_hf(vision_encoder)
+    return meta, arrays, tensors
+
+
+def write_vision(name, seed):
+    meta, arrays, tensors = build_vision(name, seed)
+    meta["weights"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    meta["num_weights_saved"] = int(sum(v.size for v in tensors.values()))
+    if meta["num_weights_saved"] != meta["count_params"]:
+        raise SystemExit(f"{name}: converted {meta['num_weights_saved']} weights, keras counts {meta['count_params']}")
+    folder = OUT / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    config = {"module": "minilm", "class_name": "Gemma3Backbone", "config": minilm_vision_config(meta["get_config"])}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: tensors[k] for k in sorted(tensors)}, str(folder / "model.safetensors"))
+    np.savez_compressed(folder / "reference.npz", **arrays)
+    dump_json(meta, folder / "reference.json")
+    return meta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated fixture names (default: all)")
     parser.add_argument("--list", action="store_true", help="print the fixture names and what they exercise")
     args = parser.parse_args(argv)
     if args.list:
-        for name, (_, _, _, description) in CASES.items():
+        for name, (_, _, _, description) in (CASES | VISION_CASES).items():
             print(f"{name:24s} {description}")
         return
-    names = args.only.split(",") if args.only else list(CASES)
-    unknown = sorted(set(names) - set(CASES))
+    names = args.only.split(",") if args.only else list(CASES) + list(VISION_CASES)
+    unknown = sorted(set(names) - set(CASES) - set(VISION_CASES))
     if unknown:
         raise SystemExit(f"unknown fixture(s) {unknown}; --list shows them")
     torch.set_num_threads(1)
     for index, name in enumerate(CASES):
         if name in names:
             meta = write(name, seed=1000 + index)
+            print(f"{name:24s} count_params={meta['count_params']:6d} effects={meta['effects']}")
+    for index, name in enumerate(VISION_CASES):
+        if name in names:
+            meta = write_vision(name, seed=2000 + index)
             print(f"{name:24s} count_params={meta['count_params']:6d} effects={meta['effects']}")
     sizes = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{OUT.relative_to(ROOT)}: {sizes / 1024:.0f} KiB")

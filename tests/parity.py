@@ -18,6 +18,9 @@ def forward_kwargs(ref, head):
     )
     if "position_ids" in ref:
         kwargs["position_ids"] = ref["position_ids"]
+    for name in ("pixel_values", "token_type_ids"):  # Gemma 3 with images
+        if name in ref:
+            kwargs[name] = ref[name]
     if head == "qa":
         kwargs.update(start_positions=ref.get("start_positions"), end_positions=ref.get("end_positions"))
     elif "labels" in ref:

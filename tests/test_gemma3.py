@@ -427,8 +427,8 @@ def test_keras_backbone_runs_hf_checkpoints():
 
 
 def test_keras_refusals():
-    with pytest.raises(NotImplementedError, match="vision_encoder"):
-        Gemma3Backbone(**KERAS_ARGS, vision_encoder=object())
+    with pytest.raises(ConfigError, match="vision_encoder must be a minilm.Gemma3VisionEncoder"):
+        Gemma3Backbone(**KERAS_ARGS, vision_encoder=object())  # images: tests/test_keras_gemma3_vision.py
     with pytest.raises(ConfigError, match="local_rope_scaling_factor"):
         Gemma3Backbone(**KERAS_ARGS, local_rope_scaling_factor=2.0)
 

@@ -5,6 +5,8 @@
     .gguf file           `general.architecture` names the family; the config is rebuilt from the
                          metadata and the tensors are dequantized under Hugging Face names (`gguf.py`);
                          the vocabulary becomes `model.tokenizer` (`tokenizer.py`)
+    .gguf + mmproj=      a Gemma 3 text GGUF and llama.cpp's vision tower file next to it (`mmproj.py`):
+                         one Gemma3ForConditionalGeneration
     hf://owner/name      a folder of the local Hugging Face cache, found without the network
     [part, part, ...]    a GGUF file stored as byte ranges in several files (the shipped model's
                          part packages), read in place
@@ -20,8 +22,9 @@ import os
 from pathlib import Path
 
 from ..config import read_config_json
-from ..errors import CheckpointNotFoundError, UnknownArchitectureError
+from ..errors import CheckpointNotFoundError, InputError, UnknownArchitectureError
 from .gguf import config_from_gguf, gguf_architecture, read_gguf, tensors_from_gguf
+from .mmproj import gemma3_config_from_gguf_pair, gemma3_tensors_from_gguf_pair, read_mmproj
 from .registry import FAMILIES, family_of_architecture, family_of_gguf
 from .tokenizer import Tokenizer
 
@@ -53,15 +56,23 @@ def class_for_config(config_dict):
     return architecture_class(FAMILIES[model_type].default_architecture)
 
 
-def from_pretrained(path, *, dtype="float32"):
+def from_pretrained(path, *, dtype="float32", mmproj=None):
     """Load any supported checkpoint: a Hugging Face folder (config.json + safetensors, single or
     sharded), a `.gguf` file (or the list of its parts, read in place), or `hf://owner/name` from the
-    local Hugging Face cache."""
+    local Hugging Face cache.
+
+    mmproj: with a Gemma 3 text `.gguf`, the path of llama.cpp's vision tower file for it (an
+    "mmproj" GGUF): the two load as one Gemma3ForConditionalGeneration (see `mmproj.py`)."""
     if isinstance(path, (list, tuple)):  # a GGUF file stored in parts (the shipped model)
-        return model_from_gguf(path, dtype=dtype)
+        return model_from_gguf(path, dtype=dtype, mmproj=mmproj)
     path = resolve_handle(path)
+    if mmproj is not None and path.suffix != ".gguf":
+        raise InputError(
+            f"mmproj={str(mmproj)!r} goes with a text .gguf file; {path} is not one (a Hugging Face folder "
+            "holds its vision tower in its own safetensors)"
+        )
     if path.suffix == ".gguf":
-        return model_from_gguf(path, dtype=dtype)
+        return model_from_gguf(path, dtype=dtype, mmproj=mmproj)
     if path.is_file():
         raise CheckpointNotFoundError(
             f"{path} is a file: pass the folder that holds config.json and the safetensors weights (or a .gguf file)"
@@ -70,11 +81,13 @@ def from_pretrained(path, *, dtype="float32"):
     return cls.from_pretrained(path, dtype=dtype)
 
 
-def model_from_gguf(path, dtype="float32", *, tokenizer=True):
+def model_from_gguf(path, dtype="float32", *, tokenizer=True, mmproj=None):
     """Load a GGUF checkpoint as a minilm model, with its tokenizer as `model.tokenizer`.
 
         model = model_from_gguf("gemma-3-270m-q4_k_m.gguf")       # a Gemma3ForCausalLM
         ids = model.tokenizer.encode("The capital of France is")
+        model = model_from_gguf("gemma-3-4b-it-q4_k_m.gguf", mmproj="mmproj-gemma-3-4b-it-f16.gguf")
+        # a Gemma3ForConditionalGeneration: the text model's weights and the vision tower's
 
     Raises CheckpointNotFoundError / CheckpointError for a missing or unreadable file, and
     UnknownArchitectureError when `general.architecture` is not one minilm reads from GGUF.
@@ -88,12 +101,22 @@ def model_from_gguf(path, dtype="float32", *, tokenizer=True):
             f"{gguf_file.path}: GGUF architecture {architecture!r} is not supported; minilm reads GGUF files of: "
             f"{', '.join(readable)} (other families load from Hugging Face folders)"
         )
-    config = {**config_from_gguf(gguf_file), "architectures": [family.default_architecture]}
+    if mmproj is not None:
+        if architecture != "gemma3":
+            raise UnknownArchitectureError(
+                f"{gguf_file.path}: mmproj= is read for Gemma 3 text GGUFs only, not {architecture!r}"
+            )
+        vision = read_mmproj(resolve_handle(mmproj))
+        config = gemma3_config_from_gguf_pair(gguf_file, vision)  # Gemma3ForConditionalGeneration
+        params = gemma3_tensors_from_gguf_pair(gguf_file, vision)
+    else:
+        config = {**config_from_gguf(gguf_file), "architectures": [family.default_architecture]}
+        params = tensors_from_gguf(gguf_file)
     cls = class_for_config(config)
     # The tokenizer first: building it needs a few hundred MB of temporaries, which it gives back
     # before the weights arrive, so the two never add up in the peak memory.
     loaded_tokenizer = Tokenizer.from_gguf(gguf_file) if tokenizer else None
-    model = cls(cls.config_class.from_dict(config), params=tensors_from_gguf(gguf_file), dtype=dtype)
+    model = cls(cls.config_class.from_dict(config), params=params, dtype=dtype)
     model.tokenizer = loaded_tokenizer
     return model
 

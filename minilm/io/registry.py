@@ -81,6 +81,15 @@ FAMILIES = {
             keras_module="minilm.keras.gemma3",
             gguf_architectures=("gemma3",),
         ),
+        Family(
+            model_type="gemma3",  # Gemma 3 with images (4B and up): SigLIP vision tower + the text decoder
+            module="minilm.models.gemma3_multimodal",
+            config_class="Gemma3Config",
+            default_architecture="Gemma3ForConditionalGeneration",
+            architectures=("Gemma3Model", "Gemma3ForConditionalGeneration"),
+            backbone_class="Gemma3Backbone",
+            keras_module="minilm.keras.gemma3",
+        ),
     )
 }
 

@@ -209,10 +209,14 @@ class Backbone:
         folder.mkdir(parents=True, exist_ok=True)
         config = {"module": "minilm", "class_name": type(self).__name__, "config": self.get_config()}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_checkpoint(folder, self.checkpoint_tensors())
+
+    def checkpoint_tensors(self):
+        """{checkpoint name: array} of every weight: the model's (HF layout) and `extra_weights`."""
         tensors = self.model.to_checkpoint_layout(self.model.state_dict(), self.model.config)
         if self.extra_weights is not None:
             tensors.update(self.extra_weights.state_dict())
-        write_checkpoint(folder, tensors)
+        return tensors
 
 
 def check_keras_kwargs(cls, kwargs):

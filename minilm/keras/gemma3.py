@@ -1,19 +1,28 @@
-"""keras-hub's Gemma3Backbone (text): its constructor arguments mapped onto `Gemma3TextConfig`, and
-its embedding-model head (EmbeddingGemma's pooling) on top of the sequence output."""
+"""keras-hub's Gemma3Backbone: its constructor arguments mapped onto `Gemma3TextConfig`, its
+embedding-model head (EmbeddingGemma's pooling) on top of the sequence output, and its vision
+encoder's soft tokens placed among the token embeddings (`gemma3_vision.py`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .. import ops
-from ..errors import ConfigError
-from ..models.gemma3 import FULL, SLIDING, Gemma3TextConfig, Gemma3TextModel
+from ..errors import ConfigError, InputError
+from ..models.gemma3 import FULL, SLIDING, Gemma3TextConfig, Gemma3TextModel, scaled_embedding
+from ..models.gemma3_vision import Gemma3Config
 from ..rope import rope_type
 from .backbone import Backbone, build_weights, check_keras_kwargs
+from .gemma3_vision import (
+    Gemma3VisionEncoder,
+    check_vision_inputs,
+    interleave_embeddings,
+    split_vision_params,
+    vision_encoder_from_config,
+)
 
 
 class Gemma3Backbone(Backbone):
-    """keras-hub's Gemma3Backbone arguments on top of Gemma3TextModel (text only).
+    """keras-hub's Gemma3Backbone arguments on top of Gemma3TextModel (with images: vision_encoder below).
 
     keras-hub's layer pattern is fixed: with use_sliding_window_attention, layer i is local when
     i % 6 < 5; local layers use RoPE base 10 000 and global ones 1 000 000, each with its own
@@ -32,6 +41,23 @@ class Gemma3Backbone(Backbone):
     The two projections have no bias; they are sentence-transformers' 2_Dense and 3_Dense of
     EmbeddingGemma, held in `extra_weights` under the names above. EmbeddingGemma itself also sets
     use_bidirectional_attention=True, which minilm's causal Gemma 3 refuses (ConfigError).
+
+    vision_encoder=Gemma3VisionEncoder(...) (`gemma3_vision.py`) makes it keras-hub's image + text
+    backbone, called on {"token_ids", "padding_mask", "images", "vision_mask", "vision_indices"}:
+
+        text = token_embedding(token_ids) * sqrt(hidden_dim)                   (batch, seq, hidden_dim)
+        soft = vision_encoder(images)              (batch * images_per_prompt, tokens_per_image, hidden_dim)
+        x    = text with soft token k of image j of row b at vision_indices[b, j * tokens_per_image + k]
+        decoder layers: causal, except that each run of vision_mask == 1 attends to itself both ways
+                        (transformers' token_type_ids rule; two images side by side form one run)
+
+    On sliding layers minilm follows transformers: a token sees the keys of the last
+    sliding_window positions and every later token of its own image. keras-hub 0.32 also bounds
+    that look-ahead by the window (|q - k| < sliding_window_size); the two differ only for images
+    of more tokens than the window (never on the released models: 256 soft tokens, window 1024).
+
+    Its weights are the encoder's, under transformers' names (`vision_tower.vision_model.*`,
+    `multi_modal_projector.*`), next to the text weights in a preset's model.safetensors.
     """
 
     def __init__(
@@ -65,13 +91,6 @@ class Gemma3Backbone(Backbone):
         params=None,
         **kwargs,
     ):
-        if vision_encoder is not None:
-            # The seam for images: encode -> pool to mm_tokens_per_image -> RMSNorm -> project, then
-            # interleave with the text embeddings and let one image's tokens attend bidirectionally.
-            raise NotImplementedError(
-                "Gemma3Backbone(vision_encoder=...) is not implemented: minilm's Gemma 3 is "
-                "text only; pass vision_encoder=None"
-            )
         if local_rope_scaling_factor != 1.0:
             raise ConfigError(
                 f"local_rope_scaling_factor={local_rope_scaling_factor}: minilm's Gemma 3 (like every "
@@ -122,8 +141,27 @@ class Gemma3Backbone(Backbone):
                 f"Gemma3Backbone: {pooling_intermediate_dim=} and {embedding_dim=} size the pooling "
                 "head of an embedding model; set is_embedding_model=True or leave them None"
             )
+        params, vision_params = split_vision_params(params)
         super().__init__(*build_weights(Gemma3TextModel, hf_config, params, dtype, extra_shapes=pooling))
-        self.image_size = image_size  # the vision tower's input size; unused while minilm's Gemma 3 is text only
+        self.vision_encoder = None
+        if vision_encoder is not None:
+            self.vision_encoder = vision_encoder_from_config(vision_encoder, vision_params)
+            if image_size != self.vision_encoder.image_size:
+                raise ConfigError(
+                    f"Gemma3Backbone: image_size={image_size} but the vision encoder's is "
+                    f"{self.vision_encoder.image_size}; keras-hub feeds the backbone's images to the encoder"
+                )
+            if self.vision_encoder.output_dim != hidden_dim:
+                raise ConfigError(
+                    f"Gemma3Backbone: the vision encoder's output_dim={self.vision_encoder.output_dim} must be "
+                    f"hidden_dim={hidden_dim}: its soft tokens take the place of token embeddings"
+                )
+        elif vision_params:
+            raise ConfigError(
+                f"Gemma3Backbone: the weights hold a vision encoder ({sorted(vision_params)[0]}, ...) but "
+                "vision_encoder is None"
+            )
+        self.image_size = image_size  # the vision encoder's input size (keras-hub's backbone argument)
         self.is_embedding_model = is_embedding_model
         self.pooling_intermediate_dim, self.embedding_dim = pooling_intermediate_dim, embedding_dim
 
@@ -131,14 +169,36 @@ class Gemma3Backbone(Backbone):
         return {
             **super().get_config(),
             "image_size": self.image_size,
+            "vision_encoder": None
+            if self.vision_encoder is None
+            else {"class_name": "Gemma3VisionEncoder", "config": self.vision_encoder.get_config()},
             "is_embedding_model": self.is_embedding_model,
             "pooling_intermediate_dim": self.pooling_intermediate_dim,
             "embedding_dim": self.embedding_dim,
         }
 
+    def count_params(self):
+        vision = 0 if self.vision_encoder is None else self.vision_encoder.count_params()
+        return super().count_params() + vision
+
+    def checkpoint_tensors(self):
+        vision = {} if self.vision_encoder is None else self.vision_encoder.state_dict()
+        return {**super().checkpoint_tensors(), **vision}
+
+    def to_device(self):
+        if self.vision_encoder is not None:
+            self.vision_encoder.to_device()
+        return super().to_device()
+
     def __call__(self, inputs):
         """The sequence output; an embedding model's call adds the pooled output (see the class docstring)."""
-        sequence_output = super().__call__(inputs)  # (batch, seq, hidden_dim)
+        vision_keys = {"images", "vision_mask", "vision_indices"} & set(inputs if isinstance(inputs, dict) else ())
+        if self.vision_encoder is None and vision_keys:
+            raise InputError(f"{sorted(vision_keys)} given to a text-only Gemma3Backbone (vision_encoder=None)")
+        if self.vision_encoder is not None:
+            sequence_output = self.call_with_images(inputs)
+        else:
+            sequence_output = super().__call__(inputs)  # (batch, seq, hidden_dim)
         if not self.is_embedding_model:
             return sequence_output
         mask = inputs.get("padding_mask")
@@ -148,9 +208,45 @@ class Gemma3Backbone(Backbone):
         pooled = ops.linear(pooled, self.extra_weight("embedding_projection.weight"))  # (batch, embedding_dim)
         return {"sequence_output": sequence_output, "pooled_output": unit_normalize(pooled)}
 
+    def call_with_images(self, inputs):
+        """keras-hub's image + text call (see the class docstring). -> (batch, seq, hidden_dim)"""
+        missing = {"token_ids", "images", "vision_mask", "vision_indices"} - set(inputs)
+        if missing:
+            raise InputError(
+                f"a Gemma3Backbone with a vision encoder is called on token_ids, padding_mask, images, vision_mask "
+                f"and vision_indices; missing {sorted(missing)}"
+            )
+        token_ids = np.asarray(inputs["token_ids"])
+        images, vision_mask, vision_indices = check_vision_inputs(
+            inputs["images"],
+            inputs["vision_mask"],
+            inputs["vision_indices"],
+            token_ids,
+            self.vision_encoder.num_vision_tokens_per_image,
+        )
+        table = self.model.params.embed_tokens.weight  # (vocabulary_size, hidden_dim)
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= table.shape[0]):
+            raise InputError(f"token ids must lie in [0, {table.shape[0]}); got {token_ids.min()}..{token_ids.max()}")
+        x = scaled_embedding(ops.like(token_ids, table), table)  # (batch, seq, hidden_dim), times sqrt(hidden_dim)
+        if images.shape[1]:
+            soft = self.vision_encoder(images)  # (batch * images_per_prompt, tokens_per_image, hidden_dim)
+            x = interleave_embeddings(soft, x, vision_indices)
+        mask = inputs.get("padding_mask")
+        mask = None if mask is None else np.asarray(mask).astype(np.int64)
+        out = self.model(inputs_embeds=x, attention_mask=mask, token_type_ids=vision_mask.astype(np.int64))
+        return out.last_hidden_state  # (batch, seq, hidden_dim)
+
     @staticmethod
     def keras_args(c):
-        """keras-hub arguments for a Gemma3TextConfig; ConfigError for what keras-hub cannot express."""
+        """keras-hub arguments for a Gemma3TextConfig, or a Gemma3Config (images: its text config's
+        arguments and a vision encoder); ConfigError for what keras-hub cannot express."""
+        if isinstance(c, Gemma3Config):
+            encoder = Gemma3VisionEncoder.keras_args(c)
+            return {
+                **Gemma3Backbone.keras_args(c.text_config),
+                "image_size": encoder["image_size"],
+                "vision_encoder": {"class_name": "Gemma3VisionEncoder", "config": encoder},
+            }
         sliding = SLIDING in c.layer_types
         keras_types = [SLIDING if sliding and i % 6 < 5 else FULL for i in range(c.num_hidden_layers)]
         scaling = c.rope_scaling or {}

@@ -34,7 +34,7 @@ from .. import nn, ops
 from ..activations import tap
 from ..cache import SlidingWindowCache
 from ..config import PretrainedConfig, check_layer_count, check_positive
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..fusion import fusable
 from ..heads import ForCausalLM
 from ..modeling import BaseModel, prepare_inputs
@@ -298,8 +298,16 @@ def gemma3_model(
     use_cache=None,
     output_attentions=False,
     output_hidden_states=False,
+    token_type_ids=None,
+    pixel_values=None,
 ):
-    """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm."""
+    """The backbone: scaled embeddings -> decoder layers (sliding / global) -> final norm.
+    token_type_ids (1 on image tokens; the multimodal model's): tokens of one image attend both ways."""
+    if pixel_values is not None:
+        raise InputError(
+            "this Gemma 3 is text-only (Gemma3ForCausalLM, model_type gemma3_text): it has no vision tower to read "
+            "pixel_values; images need a Gemma3ForConditionalGeneration checkpoint (model_type gemma3)"
+        )
     inputs = prepare_inputs(
         cfg,
         p.embed_tokens.weight,
@@ -310,6 +318,7 @@ def gemma3_model(
         past_key_values,
         use_cache,
         new_cache=make_cache,
+        token_type_ids=token_type_ids,
     )
     x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size)
     x = tap(p.embed_tokens, "output", x)  # the scaled embeddings
