@@ -424,7 +424,8 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask, positio
             )
         batch, seq = input_ids.shape
     else:
-        inputs_embeds = np.asarray(inputs_embeds)
+        if not hasattr(inputs_embeds, "shape"):  # a list; arrays stay where they are (the GPU for cupy)
+            inputs_embeds = np.asarray(inputs_embeds)
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
             raise InputError(
                 f"inputs_embeds must have shape (batch, seq, hidden_size={config.hidden_size}); "

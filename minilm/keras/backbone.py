@@ -58,7 +58,8 @@ class TokenEmbedding:
                     f"weights had no {OUTPUT_PROJECTION!r} (a bare base-model checkpoint), so "
                     "token_embedding(x, reverse=True) has no logits to give"
                 )
-            logits = ops.linear(np.asarray(inputs), table)  # (..., vocabulary_size)
+            hidden = inputs if hasattr(inputs, "shape") else np.asarray(inputs)  # arrays stay on their device
+            logits = ops.linear(hidden, table)  # (..., vocabulary_size)
             return logits if self.logit_soft_cap is None else nn.soft_cap(logits, self.logit_soft_cap)
         ids = np.asarray(inputs)
         if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
