@@ -231,10 +231,11 @@ def test_numpy_model_dequantizes_at_load(gguf_path):
 
 @pytest.mark.slow
 def test_real_model_loads_within_its_memory_budget(gguf_path):
-    """Loading the shipped 270M with the default backend peaks under 650 MB: the GGUF matrices stay
-    in their blocks and the tokenizer's build temporaries are given back before the weights arrive
-    (it peaked at 1.97 GB with float32 copies, 0.88 GB with the temporaries kept). llama.cpp peaks
-    at 320-400 MB on this model; the goal is 1.5x that."""
+    """Loading the shipped 270M with the default backend peaks under 600 MB (557 MB measured): the
+    GGUF matrices stay in their blocks, Q5_0's file pages are dropped once repacked, and the
+    tokenizer's build temporaries are given back before the weights arrive (it peaked at 1.97 GB
+    with float32 copies, 0.88 GB with the temporaries kept). llama.cpp peaks at 320-400 MB on this
+    model; the goal is 1.5x that."""
     import subprocess
     import sys
 
@@ -247,4 +248,23 @@ def test_real_model_loads_within_its_memory_budget(gguf_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     peak_mb = int(done.stdout.split()[-1])
-    assert peak_mb < 650, f"loading peaked at {peak_mb} MB"
+    assert peak_mb < 600, f"loading peaked at {peak_mb} MB"
+
+
+@pytest.mark.parametrize("in_a_file", [True, False])
+def test_repacked_q5_0_gives_its_file_pages_back_and_keeps_its_values(tmp_path, in_a_file):
+    """Q5_0 is repacked to int8 codes at load and its memory-mapped blocks are dropped from resident
+    memory (madvise): the values must survive that, read back from the file, and blocks that are
+    not a file's (memory of their own, where dropping would lose them) must be left alone."""
+    weight = random_weight("Q5_0", 300, 2 * 4096 // 32 * 32 // 8, seed=3)  # rows over several pages
+    expected = np.asarray(weight)
+    if in_a_file:
+        path = tmp_path / "blocks.bin"
+        weight.blocks.tofile(path)
+        mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=weight.blocks.shape)
+        weight = QuantizedWeight(mapped, "Q5_0", weight.shape)
+    prepared = kq.prepare_blocks(weight)
+    assert prepared.codes is not None
+    np.testing.assert_array_equal(np.asarray(prepared), expected)  # the blocks themselves, read again
+    x = np.random.default_rng(0).standard_normal((1, weight.shape[1])).astype(np.float32)
+    assert_close(numba_linear(x, prepared), x @ expected.T)

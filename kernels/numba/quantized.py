@@ -24,7 +24,9 @@ float16 scales are read from the bytes (`_f16`, exact, no NumPy float16 in compi
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import os
 
 import numpy as np
@@ -392,6 +394,35 @@ def block_scales(weight):
     return weight.block_scales
 
 
+_PAGE = mmap.PAGESIZE
+
+
+def _release_file_pages(blocks):
+    """Tell the system this process no longer needs the memory-mapped file pages inside `blocks`
+    (madvise MADV_DONTNEED; Linux only, elsewhere nothing): they leave its resident memory, and
+    are read from the file again should anything touch them. Only whole pages inside the array."""
+    if not _maps_a_file(blocks):  # memory of its own: dropping it would lose the values
+        return
+    start = -(-blocks.ctypes.data // _PAGE) * _PAGE
+    end = (blocks.ctypes.data + blocks.nbytes) // _PAGE * _PAGE
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
+def _maps_a_file(array):
+    """True when `array` is a view into a memory map (a GGUF file's bytes), not memory of its own."""
+    base = array
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return True
+        base = getattr(base, "base", None)
+    return False
+
+
 @njit(parallel=True, cache=True)
 def _unpack_q5_0_kernel(blocks, codes):
     """codes[o, 32 b + j] = the signed code of value j of block b of row o (`_decode_block`'s
@@ -421,6 +452,7 @@ def repacked_codes(weight):
         _unpack_q5_0_kernel(weight.blocks, codes)
         codes.flags.writeable = False
         weight.codes = codes
+        _release_file_pages(weight.blocks)  # decode reads the codes now, never these blocks
     return weight.codes
 
 
