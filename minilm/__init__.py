@@ -29,6 +29,7 @@ from .keras.bloom import BloomBackbone
 from .keras.gemma3 import Gemma3Backbone
 from .keras.phi3 import Phi3Backbone
 from .keras.qwen3_moe import Qwen3MoeBackbone
+from .lora import LoraWeight
 from .modeling import ModelOutput
 from .models.bloom import (
     BloomConfig,
@@ -74,6 +75,7 @@ __all__ = [
     "Gemma3TextModel",
     "InputError",
     "KVCache",
+    "LoraWeight",
     "MinilmError",
     "NumericalError",
     "ModelOutput",

@@ -7,10 +7,14 @@ register themselves under a backend name; `set_backend` picks which one runs. Mo
 changes and never knows which backend is active. A fourth op, `prepare_weight`, runs once per
 weight when a model loads: it puts the weight where, and in the form, the backend reads it; with
 it `reads_quantized` says whether the backend computes straight from a GGUF matrix's blocks
-(`minilm.io.quants.QuantizedWeight`), which then never becomes float32.
+(`minilm.io.quants.QuantizedWeight`), which then never becomes float32. A `minilm.lora.LoraWeight`
+(a frozen weight plus a low-rank update) is recognised by `linear` itself (`is_lora`), which computes
+it with three products of the active backend. For training, `linear_input_grad` is the backward
+product dx = dy W through a frozen (possibly quantized) weight.
 
 Shapes:
     linear:        x (..., in_features), weight (out_features, in_features) -> (..., out_features)
+    linear_input_grad: dy (..., out_features), weight (out_features, in_features) -> (..., in_features)
     attention:     q (batch, num_heads, seq, head_dim), k/v (batch, num_kv_heads, kv_seq, head_dim)
     moe_dispatch:  x (tokens, hidden_size), top_k_index/top_k_weights (tokens, top_k),
                    gate_proj/up_proj (num_experts, moe_intermediate_size, hidden_size),
@@ -39,6 +43,12 @@ def linear_reference(x, weight, bias=None):
     if bias is not None:
         y = y + bias
     return y
+
+
+def linear_input_grad_reference(dy, weight):
+    """dx = dy W: the gradient of y = x W^T + b with respect to x, in float32 (the backward pass).
+    A quantized weight is dequantized (`np.asarray`)."""
+    return np.asarray(dy, dtype=np.float32) @ np.asarray(weight, dtype=np.float32)  # (..., in_features)
 
 
 def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
@@ -100,7 +110,7 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized")
+OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized", "linear_input_grad")
 
 _BACKENDS = {
     "numpy": {
@@ -109,6 +119,7 @@ _BACKENDS = {
         "moe_dispatch": moe_dispatch_reference,
         "prepare_weight": np.asarray,  # a QuantizedWeight is dequantized (quants.py, the reference)
         "reads_quantized": lambda weight: False,
+        "linear_input_grad": linear_input_grad_reference,
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
@@ -187,7 +198,14 @@ def _impl(op):
 
 
 def linear(x, weight, bias=None):
+    if getattr(weight, "is_lora", False):  # a LoraWeight: base product + low-rank update (minilm.lora)
+        return weight.linear(x, bias)
     return _impl("linear")(x, weight, bias)
+
+
+def linear_input_grad(dy, weight):
+    """dx = dy W for a frozen weight (out_features, in_features): the backward of `linear`."""
+    return _impl("linear_input_grad")(dy, weight)
 
 
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):
@@ -228,13 +246,18 @@ def reads_quantized(weight):
 def like(x, reference):
     """A small array built on the host (mask, positions, cos/sin) placed where `reference`
     lives, so that a forward pass never mixes devices. A no-op for NumPy arrays."""
+    if getattr(reference, "is_lora", False):
+        reference = reference.lora_A
     if isinstance(reference, (np.ndarray, QuantizedWeight)) or np.isscalar(reference):
         return np.asarray(x)
     return np.asarray(x, like=reference)  # NEP 35: the reference's array library creates it
 
 
 def to_host(x):
-    """A NumPy array, copied back from the GPU when needed (logits for sampling, losses)."""
+    """A NumPy array, copied back from the GPU when needed (logits for sampling, losses). A
+    LoraWeight comes back as a LoraWeight of host arrays."""
+    if getattr(x, "is_lora", False):
+        return x.with_arrays(to_host)
     if x is None or isinstance(x, (np.ndarray, QuantizedWeight)):  # blocks are on the host already
         return x
     return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)

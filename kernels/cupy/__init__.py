@@ -3,7 +3,7 @@
 
     common.py     the CuPy import, moving arrays host <-> device, dtypes, `prepare_weight` (weights
                   to GPU memory once, at load), precision rules
-    linear.py     linear: one cuBLAS gemm
+    linear.py     linear: one cuBLAS gemm; linear_input_grad (dx = dy W): one cuBLAS gemm
     attention.py  attention: cuBLAS gemms around one RawKernel masked softmax
     moe.py        moe_dispatch: pairs sorted by expert, cuBLAS per chosen expert, ordered sums
 
@@ -22,5 +22,6 @@ ops.register_backend(
         "attention": attention.attention,
         "moe_dispatch": moe.moe_dispatch,
         "prepare_weight": common.prepare_weight,
+        "linear_input_grad": linear.linear_input_grad,
     },
 )

@@ -385,3 +385,26 @@ def linear(x, weight, bias=None):
         if bias is not None:
             y += _as_float32(bias)
     return y.reshape(*lead, weight.shape[0]).astype(out_dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_input_grad: dx = dy W (the backward of linear through a frozen weight)
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_input_grad(dy, weight):
+    """Numba-backend version of `ops.linear_input_grad_reference`: dy (..., out_features), weight
+    (out_features, in_features) -> dx (..., in_features) float32. The backward pass multiplies
+    many rows at once (compute-bound), so this is one BLAS sgemm on the float32 values: an
+    `Int8BlockWeight` is read as the float32 array it is, a bf16 weight is widened, and a
+    `QuantizedWeight` is dequantized for the call (its blocks are not kept as float32)."""
+    dy = np.asarray(dy)
+    if weight.ndim != 2 or dy.ndim < 1 or dy.shape[-1] != weight.shape[0]:
+        raise InputError(
+            f"linear_input_grad: dy {dy.shape} and weight {tuple(weight.shape)} do not fit: expected dy "
+            f"(..., out_features) and weight (out_features, in_features)"
+        )
+    w = np.asarray(weight) if isinstance(weight, QuantizedWeight) else weight.view(np.ndarray)
+    lead = dy.shape[:-1]
+    dx = _as_float32(dy.reshape(-1, dy.shape[-1])) @ _as_float32(w)  # (rows, in_features), sgemm
+    return dx.reshape(*lead, w.shape[1])
