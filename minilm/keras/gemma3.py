@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from ..models.gemma3 import FULL, SLIDING, Gemma3TextConfig, Gemma3TextModel
 from ..rope import rope_type
 from .backbone import Backbone, build_weights, check_keras_kwargs
+from .lora import KerasLoraSpec
 
 
 class Gemma3Backbone(Backbone):
@@ -33,6 +34,19 @@ class Gemma3Backbone(Backbone):
     EmbeddingGemma, held in `extra_weights` under the names above. EmbeddingGemma itself also sets
     use_bidirectional_attention=True, which minilm's causal Gemma 3 refuses (ConfigError).
     """
+
+    LORA = KerasLoraSpec(
+        "Gemma 3",
+        {
+            "query": ("q_proj", "query"),
+            "key": ("k_proj", "kv"),
+            "value": ("v_proj", "kv"),
+            "attention_output": ("o_proj", "output"),
+        },
+        "decoder_block_{i}/attention/{name}",
+        "layers.{i}.self_attn",
+        kernel_layout="nmh",
+    )  # keras-hub's attention layer names -> minilm's modules (enable_lora)
 
     def __init__(
         self,
