@@ -165,6 +165,10 @@ class LoraWeight:
         u = ops.linear(t, self.lora_B)  # (..., groups, out_features // groups): (x A[g]^T) B^T
         return y + (self.scaling * u.reshape(*lead, self.out_features)).astype(y.dtype, copy=False)
 
+    def backward(self, dy, x):
+        """`lora_linear_backward` (below), called by `ops.linear_backward`: (dx, dA, dB)."""
+        return lora_linear_backward(dy, x, self)
+
 
 def lora_linear_backward(dy, x, weight):
     """Gradients of y = ops.linear(x, weight) for a LoraWeight (the bias, if any, is frozen).

@@ -107,6 +107,90 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 
 
 # ---------------------------------------------------------------------------------------------
+# Backward of attention and expert dispatch (training; NumPy only, the products are BLAS)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_backward(dout, q, k, v, mask=None, *, scale, bias=None, soft_cap=None):
+    """Gradients of `attention_reference`'s output with respect to q, k and v. It recomputes the
+    forward keeping its intermediates, then walks back (all float32):
+
+        raw = q k^T        scaled = raw * scale      capped = soft_cap(scaled)
+        scores = capped + bias, masked               w = softmax(scores)        out = w v
+
+        dv = w^T dout                     (summed over the query heads of a key/value head: GQA)
+        dw = dout v^T
+        dscores = w * (dw - sum_k(dw * w))        (softmax; masked keys have w = 0, so get 0)
+        draw = soft_cap'(scaled) * dscores * scale
+        dq = draw k,   dk = draw^T q          (dk summed over the query heads of a group)
+
+    The bias (ALiBi) and the mask are constants. A query that sees no key attends uniformly to
+    every key (as transformers' additive mask gives); its dscores are the softmax backward at
+    those uniform weights, which is what torch's autograd computes through the finfo.min mask
+    (not the true derivative, 0: PITFALLS.md). Masks whose every query sees a key avoid that case.
+
+    dout, q: (batch, num_heads, seq, head_dim); k, v: (batch, num_kv_heads, kv_seq, head_dim)
+    -> dq like q, dk like k, dv like v
+    """
+    f32 = np.float32
+    dout, q, k, v = (np.asarray(a, dtype=f32) for a in (dout, q, k, v))
+    b, num_heads, seq, head_dim = q.shape
+    num_kv_heads, kv_seq = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    qg = q.reshape(b, num_kv_heads, groups, seq, head_dim)  # (batch, num_kv_heads, groups, seq, head_dim)
+    dg = dout.reshape(b, num_kv_heads, groups, seq, head_dim)
+    # forward again, keeping what the backward needs
+    scaled = (qg @ k[:, :, None].swapaxes(-1, -2)).reshape(b, num_heads, seq, kv_seq) * f32(scale)
+    scores = scaled if soft_cap is None else nn.soft_cap(scaled, f32(soft_cap))
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+        scores = np.where(~np.any(mask, axis=-1, keepdims=True), 0.0, scores)  # no key visible: uniform
+    w = nn.softmax(scores.astype(f32), axis=-1)  # (batch, num_heads, seq, kv_seq)
+    wg = w.reshape(b, num_kv_heads, groups, seq, kv_seq)
+    # and back
+    dv = (wg.swapaxes(-1, -2) @ dg).sum(axis=2)  # (batch, num_kv_heads, kv_seq, head_dim)
+    dw = (dg @ v[:, :, None].swapaxes(-1, -2)).reshape(b, num_heads, seq, kv_seq)  # (batch, num_heads, seq, kv_seq)
+    dscores = nn.softmax_backward(dw, w)  # (batch, num_heads, seq, kv_seq)
+    if soft_cap is not None:
+        dscores = nn.soft_cap_backward(dscores, scaled, soft_cap)
+    draw = (dscores * f32(scale)).reshape(b, num_kv_heads, groups, seq, kv_seq)
+    dq = (draw @ k[:, :, None]).reshape(b, num_heads, seq, head_dim)  # (batch, num_heads, seq, head_dim)
+    dk = (draw.swapaxes(-1, -2) @ qg).sum(axis=2)  # (batch, num_kv_heads, kv_seq, head_dim)
+    return dq, dk, dv
+
+
+def moe_dispatch_backward(dout, x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
+    """Gradients of `moe_dispatch_reference` with respect to x and to the routing weights (the
+    experts' matrices are frozen). Per expert e and the tokens t routed to it (slot j):
+
+        g = x W_gate^T,  u = x W_up^T,  a = act(g) * u,  o = a W_down^T,  out[t] += w[t, j] * o
+        dw[t, j] = <dout[t], o>                   the routing weight's gradient (to the router)
+        do = w[t, j] dout[t],  da = do W_down,  dg = act'(g) * (da * u),  du = da * act(g)
+        dx[t] += dg W_gate + du W_up
+
+    dout, x: (tokens, hidden_size); top_k_index, top_k_weights: (tokens, top_k)
+    -> dx (tokens, hidden_size), dweights (tokens, top_k), float32
+    """
+    act, act_backward = nn.activation(activation), nn.activation_backward(activation)
+    dout, x = np.asarray(dout, dtype=np.float32), np.asarray(x, dtype=np.float32)
+    dx = np.zeros_like(x)  # (tokens, hidden_size)
+    dweights = np.zeros(top_k_index.shape, np.float32)  # (tokens, top_k)
+    for e in np.unique(top_k_index):
+        token_idx, slot = np.nonzero(top_k_index == e)  # tokens routed to expert e, and which of their k slots
+        h = x[token_idx]  # (tokens_e, hidden_size)
+        g, u = linear(h, gate_proj[e]), linear(h, up_proj[e])  # (tokens_e, moe_intermediate_size) each
+        o = linear(act(g) * u, down_proj[e])  # (tokens_e, hidden_size)
+        dweights[token_idx, slot] = np.sum(dout[token_idx] * o, axis=-1)
+        do = dout[token_idx] * np.asarray(top_k_weights, np.float32)[token_idx, slot, None]  # (tokens_e, hidden_size)
+        da = linear_input_grad(do, down_proj[e])  # (tokens_e, moe_intermediate_size)
+        dg, du = act_backward(da * u, g), da * act(g)
+        np.add.at(dx, token_idx, linear_input_grad(dg, gate_proj[e]) + linear_input_grad(du, up_proj[e]))
+    return dx, dweights
+
+
+# ---------------------------------------------------------------------------------------------
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
@@ -206,6 +290,18 @@ def linear(x, weight, bias=None):
 def linear_input_grad(dy, weight):
     """dx = dy W for a frozen weight (out_features, in_features): the backward of `linear`."""
     return _impl("linear_input_grad")(dy, weight)
+
+
+def linear_backward(dy, x, weight):
+    """The backward of `linear(x, weight, bias)`: (dx, {trainable name: gradient}).
+
+    A plain or quantized weight is frozen: dx = dy W and no gradients. A LoraWeight returns the
+    gradients of its adapter, {"lora_A": (groups, rank, in), "lora_B": (out // groups, rank)}.
+    dy: (..., out_features), x: (..., in_features) -> dx (..., in_features) float32"""
+    if getattr(weight, "is_lora", False):
+        dx, d_a, d_b = weight.backward(dy, x)
+        return dx, {"lora_A": d_a, "lora_B": d_b}
+    return linear_input_grad(dy, weight), {}
 
 
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):

@@ -1,0 +1,86 @@
+"""Training gradients: `value_and_grad(model, input_ids, labels)` -> (loss, {name: gradient}).
+
+The backward pass in minilm is the chain rule written out by hand, one `*_backward` function next
+to each forward (`nn.rms_norm_backward` after `nn.rms_norm`, `rope.apply_rope_backward` after
+`apply_rope`, `ops.attention_backward` after the attention reference, a family's
+`decoder_layer_backward` after its `decoder_layer`, ...). Each takes the upstream gradient plus
+what its forward saw and returns the gradients of its inputs, shapes in comments; no tape, no
+autograd framework. This module only runs them in order for a causal LM:
+
+    1. forward, keeping each layer's input only            (output_hidden_states=True)
+    2. loss and dL/d(final hidden), a few tokens at a time  (heads.causal_lm_head_loss_and_grad)
+    3. back through the final norm and the layers, last to first; each layer recomputes its own
+       forward from its saved input and walks back step by step (gradient checkpointing: the
+       memory is the layers' inputs plus one layer's intermediates)
+
+What is trained: the adapters of the `LoraWeight`s in the model's params (frozen base weights get
+no gradient). A LoraWeight at `model.layers.3.self_attn.q_proj.weight` gives the gradients
+`model.layers.3.self_attn.q_proj.lora_A` (groups, rank, in_features) and `...q_proj.lora_B`
+(out_features // groups, rank), float32, keyed by the params' own names. Where minilm splits a
+fused checkpoint tensor (Phi-3's qkv_proj and gate_up_proj), each part's LoraWeight gets its own
+entry; adapters that share one array have the sum of their entries as its gradient.
+
+Qwen3-MoE: with `config.output_router_logits`, the loss includes router_aux_loss_coef times the
+load-balancing loss, as the forward's does, and its gradient flows into the routers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .heads import ForCausalLM, causal_lm_head_loss_and_grad
+from .modeling import flatten
+
+
+def lora_weights(model):
+    """{param name: LoraWeight} of the model's params, e.g. {"model.layers.0.self_attn.q_proj.weight": w}."""
+    return {name: w for name, w in flatten(model.params).items() if getattr(w, "is_lora", False)}
+
+
+def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_tokens=256):
+    """The causal-LM loss of `model(input_ids, attention_mask, labels=labels)` and its gradients
+    with respect to every LoRA adapter in the model.
+
+    input_ids, labels: (batch, seq) (labels -100 are ignored; position t predicts labels[t + 1]);
+    attention_mask: (batch, seq) of 0/1 or None. Returns (loss float32, {name: float32 array}) with
+    the names `<LoraWeight's name without .weight>.lora_A` / `.lora_B`.
+    """
+    if not isinstance(model, ForCausalLM):
+        raise ConfigError(f"value_and_grad needs a causal LM (a *ForCausalLM); got {type(model).__name__}")
+    backbone = model.base_model_class
+    if not hasattr(backbone, "backbone_backward"):
+        raise ConfigError(f"{backbone.__name__} has no backward pass")
+    adapters = lora_weights(model)
+    if not adapters:
+        raise InputError("value_and_grad: the model has no LoraWeight to train (enable LoRA first)")
+    cfg = model.config
+    p = model.params[model.base_model_prefix]
+    with_router = bool(getattr(cfg, "output_router_logits", False))
+    # 1. forward, keeping each layer's input
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        output_hidden_states=True,
+        **({"output_router_logits": True} if with_router else {}),
+    )
+    # 2. the head: loss and dL/d(last_hidden_state)
+    soft_cap = getattr(cfg, "final_logit_softcapping", None)
+    loss, dhidden = causal_lm_head_loss_and_grad(
+        out.last_hidden_state, model.params.lm_head.weight, labels, soft_cap, chunk_tokens
+    )
+    extra = {}
+    if with_router and out.router_logits:  # Qwen3-MoE's load-balancing loss, as its forward adds it
+        aux, drouter = backbone.aux_loss_and_grad(out.router_logits, cfg, attention_mask)
+        loss = np.float32(loss + cfg.router_aux_loss_coef * aux)
+        extra["drouter_logits"] = [cfg.router_aux_loss_coef * d for d in drouter]
+    # 3. back through the layers
+    grads, _ = backbone.backbone_backward(p, cfg, dhidden, out.hidden_states, input_ids, attention_mask, **extra)
+    prefix = model.base_model_prefix
+    named = {f"{prefix}.{name}": np.asarray(g, dtype=np.float32) for name, g in grads.items()}
+    expected = {n[: -len(".weight")] + s for n in adapters for s in (".lora_A", ".lora_B")}
+    if set(named) != expected:
+        missing = sorted(expected - set(named))
+        raise ConfigError(f"value_and_grad: the backward pass of {backbone.__name__} gives no gradient for {missing}")
+    return loss, named
