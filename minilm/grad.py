@@ -31,6 +31,7 @@ import numpy as np
 from .errors import ConfigError, InputError
 from .heads import ForCausalLM, causal_lm_head_loss_and_grad
 from .modeling import flatten
+from .models.qwen3_moe import load_balancing_loss, load_balancing_loss_backward
 
 
 def lora_weights(model):
@@ -72,7 +73,9 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_token
     )
     extra = {}
     if with_router and out.router_logits:  # Qwen3-MoE's load-balancing loss, as its forward adds it
-        aux, drouter = backbone.aux_loss_and_grad(out.router_logits, cfg, attention_mask)
+        k = cfg.num_experts_per_tok
+        aux = load_balancing_loss(out.router_logits, cfg.num_experts, k, attention_mask)
+        drouter = load_balancing_loss_backward(out.router_logits, cfg.num_experts, k, attention_mask)
         loss = np.float32(loss + cfg.router_aux_loss_coef * aux)
         extra["drouter_logits"] = [cfg.router_aux_loss_coef * d for d in drouter]
     # 3. back through the layers

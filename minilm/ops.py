@@ -292,16 +292,18 @@ def linear_input_grad(dy, weight):
     return _impl("linear_input_grad")(dy, weight)
 
 
-def linear_backward(dy, x, weight):
-    """The backward of `linear(x, weight, bias)`: (dx, {trainable name: gradient}).
+def linear_backward(dy, x, weight, name="", grads=None):
+    """The backward of `linear(x, weight, bias)`: dx = dy W through the weight (frozen).
 
-    A plain or quantized weight is frozen: dx = dy W and no gradients. A LoraWeight returns the
-    gradients of its adapter, {"lora_A": (groups, rank, in), "lora_B": (out // groups, rank)}.
-    dy: (..., out_features), x: (..., in_features) -> dx (..., in_features) float32"""
-    if getattr(weight, "is_lora", False):
-        dx, d_a, d_b = weight.backward(dy, x)
-        return dx, {"lora_A": d_a, "lora_B": d_b}
-    return linear_input_grad(dy, weight), {}
+    A LoraWeight's adapter gradients go into `grads` (a dict) as "<name>.lora_A" (groups, rank,
+    in_features) and "<name>.lora_B" (out_features // groups, rank); a plain or quantized weight
+    adds nothing. dy: (..., out_features), x: (..., in_features) -> dx (..., in_features) float32"""
+    if not getattr(weight, "is_lora", False):
+        return linear_input_grad(dy, weight)
+    dx, d_a, d_b = weight.backward(dy, x)
+    if grads is not None:
+        grads[f"{name}.lora_A"], grads[f"{name}.lora_B"] = d_a, d_b
+    return dx
 
 
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False):

@@ -277,24 +277,17 @@ def attention_backward(dout, x, p, cfg, layer_idx, cos, sin, inputs):
     out, _ = ops.attention(q2, k2, v, mask, scale=scale, soft_cap=cap)  # (batch, num_heads, seq, head_dim)
     # walk back
     grads = {}
-    dmerged = _linear_backward(dout, nn.merge_heads(out), p.o_proj.weight, "o_proj", grads)  # (batch, seq, h * d)
+    dmerged = ops.linear_backward(dout, nn.merge_heads(out), p.o_proj.weight, "o_proj", grads)  # (batch, seq, h * d)
     dq2, dk2, dv = ops.attention_backward(nn.split_heads(dmerged, h, d), q2, k2, v, mask, scale=scale, soft_cap=cap)
     dq1, dk1 = apply_rope_backward(dq2, cos, sin), apply_rope_backward(dk2, cos, sin)
     dq0, dk0 = dq1, dk1
     if cfg.use_query_key_norm:
         dq0 = gemma_rms_norm_backward(dq1, q0, p.q_norm.weight, eps)[0]
         dk0 = gemma_rms_norm_backward(dk1, k0, p.k_norm.weight, eps)[0]
-    dx = _linear_backward(nn.merge_heads(dq0), x, p.q_proj.weight, "q_proj", grads)
-    dx += _linear_backward(nn.merge_heads(dk0), x, p.k_proj.weight, "k_proj", grads)
-    dx += _linear_backward(nn.merge_heads(dv), x, p.v_proj.weight, "v_proj", grads)
+    dx = ops.linear_backward(nn.merge_heads(dq0), x, p.q_proj.weight, "q_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dk0), x, p.k_proj.weight, "k_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dv), x, p.v_proj.weight, "v_proj", grads)
     return dx, grads
-
-
-def _linear_backward(dy, x, weight, name, grads):
-    """dx of a linear layer; the adapter's gradients, if any, go into `grads` under `name`."""
-    dx, own = ops.linear_backward(dy, x, weight)
-    grads.update({f"{name}.{k}": g for k, g in own.items()})
-    return dx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +308,9 @@ def mlp_backward(dout, x, p, cfg):
     act, act_backward = nn.activation(cfg.hidden_activation), nn.activation_backward(cfg.hidden_activation)
     g, u = ops.linear(x, p.gate_proj.weight), ops.linear(x, p.up_proj.weight)  # (..., intermediate_size) each
     grads = {}
-    da = _linear_backward(dout, act(g) * u, p.down_proj.weight, "down_proj", grads)  # (..., intermediate_size)
-    dx = _linear_backward(act_backward(da * u, g), x, p.gate_proj.weight, "gate_proj", grads)
-    dx += _linear_backward(da * act(g), x, p.up_proj.weight, "up_proj", grads)
+    da = ops.linear_backward(dout, act(g) * u, p.down_proj.weight, "down_proj", grads)  # (..., intermediate_size)
+    dx = ops.linear_backward(act_backward(da * u, g), x, p.gate_proj.weight, "gate_proj", grads)
+    dx += ops.linear_backward(da * act(g), x, p.up_proj.weight, "up_proj", grads)
     return dx, grads
 
 
