@@ -330,7 +330,10 @@ def prepare_weight(array):
     pass an array the model owns (`load_state_dict` prepares its own copy of the checkpoint).
 
     A `QuantizedWeight` (a GGUF matrix kept as its blocks) comes back as it is when the backend
-    computes with its blocks (`reads_quantized`), else dequantized to float32."""
+    computes with its blocks (`reads_quantized`), else dequantized to float32. A LoraWeight: its
+    base and adapter arrays, each prepared."""
+    if getattr(array, "is_lora", False):
+        return array.with_arrays(prepare_weight)
     return _impl("prepare_weight")(array)
 
 
