@@ -56,8 +56,11 @@ from .models.qwen3_moe import (
     Qwen3MoeModel,
 )
 from .ops import get_backend, set_backend, use_backend
+from .peft import LoraConfig
+from .train import AdamW, Trainer, TrainResult, train
 
 __all__ = [
+    "AdamW",
     "Backbone",
     "BloomBackbone",
     "BloomConfig",
@@ -75,6 +78,7 @@ __all__ = [
     "Gemma3TextModel",
     "InputError",
     "KVCache",
+    "LoraConfig",
     "LoraWeight",
     "MinilmError",
     "NumericalError",
@@ -93,6 +97,8 @@ __all__ = [
     "Qwen3MoeForTokenClassification",
     "Qwen3MoeModel",
     "SlidingWindowCache",
+    "TrainResult",
+    "Trainer",
     "UnknownArchitectureError",
     "default_model",
     "from_pretrained",
@@ -100,6 +106,7 @@ __all__ = [
     "get_backend",
     "ops",
     "set_backend",
+    "train",
     "use_backend",
 ]
 
