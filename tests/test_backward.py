@@ -436,11 +436,12 @@ def test_value_and_grad_gemma3_matches_finite_differences():
             assert math.isclose(analytic, fd, rel_tol=2e-2, abs_tol=2e-3), (name, part, analytic, fd)
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (80, 4)])  # (80, 4): a tall weight (an LM head), the transposed product
 @pytest.mark.parametrize("rank", [1, 3])
-def test_linear_input_grad_backends_agree(rank):
+def test_linear_input_grad_backends_agree(rank, shape):
     """ops.linear_input_grad: the NumPy reference and the Numba backend (BLAS) give dy W."""
     rng = np.random.default_rng(rank)
-    w, dy = rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal((2, rank, 7)).astype(np.float32)
+    w, dy = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((2, rank, shape[0])).astype(np.float32)
     expected = ops.linear_input_grad_reference(dy, w)
     np.testing.assert_allclose(expected, dy.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
     with ops.use_backend("numba"):

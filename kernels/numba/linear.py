@@ -406,5 +406,14 @@ def linear_input_grad(dy, weight):
         )
     w = np.asarray(weight) if isinstance(weight, QuantizedWeight) else weight.view(np.ndarray)
     lead = dy.shape[:-1]
-    dx = _as_float32(dy.reshape(-1, dy.shape[-1])) @ _as_float32(w)  # (rows, in_features), sgemm
+    dy2, w = _as_float32(dy.reshape(-1, dy.shape[-1])), _as_float32(w)  # (rows, out_features), (out, in)
+    if w.shape[0] >= TALL_WEIGHT_RATIO * w.shape[1]:
+        # A tall weight (an LM head: vocab_size x hidden_size) sums over a huge out_features; OpenBLAS
+        # runs that product about 5x faster written as (W^T dy^T)^T (measured on the 262144 x 640 head).
+        dx = np.ascontiguousarray((w.T @ dy2.T).T)  # (rows, in_features)
+    else:
+        dx = dy2 @ w  # (rows, in_features), sgemm
     return dx.reshape(*lead, w.shape[1])
+
+
+TALL_WEIGHT_RATIO = 16  # out_features / in_features from which linear_input_grad transposes the product
