@@ -39,13 +39,15 @@ def lora_weights(model):
     return {name: w for name, w in flatten(model.params).items() if getattr(w, "is_lora", False)}
 
 
-def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_tokens=256):
+def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_tokens=64):
     """The causal-LM loss of `model(input_ids, attention_mask, labels=labels)` and its gradients
     with respect to every LoRA adapter in the model.
 
     input_ids, labels: (batch, seq) (labels -100 are ignored; position t predicts labels[t + 1]);
     attention_mask: (batch, seq) of 0/1 or None. Returns (loss float32, {name: float32 array}) with
-    the names `<LoraWeight's name without .weight>.lora_A` / `.lora_B`.
+    the names `<LoraWeight's name without .weight>.lora_A` / `.lora_B`. chunk_tokens: how many
+    positions' logits the head holds at once ((chunk_tokens, vocab_size) float32: 64 MiB for
+    Gemma 3's 262144 tokens at the default 64).
     """
     if not isinstance(model, ForCausalLM):
         raise ConfigError(f"value_and_grad needs a causal LM (a *ForCausalLM); got {type(model).__name__}")

@@ -89,7 +89,7 @@ def causal_lm_loss_backward(logits, labels):
     return cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), shifted).reshape(logits.shape)
 
 
-def causal_lm_head_loss_and_grad(hidden, lm_head, labels, soft_cap=None, chunk_tokens=256):
+def causal_lm_head_loss_and_grad(hidden, lm_head, labels, soft_cap=None, chunk_tokens=64):
     """The causal-LM head, its loss and the loss's gradient at the final hidden states, a few
     tokens at a time: the (tokens, vocab_size) logits of a 262k vocabulary never exist at once.
 

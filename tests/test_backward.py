@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_quantized_weights import random_weight
 
 from minilm import nn, ops
 from minilm.grad import value_and_grad
 from minilm.heads import causal_lm_head_loss_and_grad, causal_lm_loss, causal_lm_loss_backward
+from minilm.kernels.numba import quantized
 from minilm.lora import LoraWeight, lora_linear_backward
 from minilm.models import bloom, gemma3, qwen3_moe
 from minilm.rope import apply_rope, apply_rope_backward, compute_inv_freq, rope_cos_sin
@@ -456,3 +458,21 @@ def test_rope_backward_uses_the_models_frequencies():
     cos, sin = rope_cos_sin(np.arange(5)[None], inv_freq, scaling)
     x = np.random.default_rng(0).standard_normal((1, 2, 5, 8)).astype(np.float32)
     np.testing.assert_allclose(apply_rope_backward(apply_rope(x, cos, sin), cos, sin), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q8_0", "Q5_0"])
+def test_linear_input_grad_on_gguf_blocks(type_name, monkeypatch):
+    """QLoRA's frozen base: the Numba backend computes dy W from the blocks a tile of rows at a time
+    (small tiles here: several, and a short last one); the reference dequantizes the whole matrix."""
+    monkeypatch.setattr(quantized, "TILE_VALUES", 700)
+    monkeypatch.setenv("MINILM_KEEP_QUANTIZED", "all")
+    w = random_weight(type_name, 13, 256, seed=1)
+    dy = np.random.default_rng(0).standard_normal((2, 3, 13)).astype(np.float32)
+    expected = dy.astype(np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(
+        ops.linear_input_grad_reference(dy, w), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
+    with ops.use_backend("numba"):
+        assert ops.reads_quantized(w)
+        got = ops.linear_input_grad(dy, w)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -396,14 +396,17 @@ def linear_input_grad(dy, weight):
     """Numba-backend version of `ops.linear_input_grad_reference`: dy (..., out_features), weight
     (out_features, in_features) -> dx (..., in_features) float32. The backward pass multiplies
     many rows at once (compute-bound), so this is one BLAS sgemm on the float32 values: an
-    `Int8BlockWeight` is read as the float32 array it is, a bf16 weight is widened, and a
-    `QuantizedWeight` is dequantized for the call (its blocks are not kept as float32)."""
+    `Int8BlockWeight` is read as the float32 array it is, a bf16 weight is widened; a
+    `QuantizedWeight` this backend reads is dequantized a tile of rows at a time (quantized.py),
+    any other one for the call."""
     dy = np.asarray(dy)
     if weight.ndim != 2 or dy.ndim < 1 or dy.shape[-1] != weight.shape[0]:
         raise InputError(
             f"linear_input_grad: dy {dy.shape} and weight {tuple(weight.shape)} do not fit: expected dy "
             f"(..., out_features) and weight (out_features, in_features)"
         )
+    if isinstance(weight, QuantizedWeight) and quantized.reads_quantized(weight):
+        return quantized.linear_input_grad_quantized(dy, weight)  # tiles of the blocks, never all float32
     w = np.asarray(weight) if isinstance(weight, QuantizedWeight) else weight.view(np.ndarray)
     lead = dy.shape[:-1]
     dy2, w = _as_float32(dy.reshape(-1, dy.shape[-1])), _as_float32(w)  # (rows, out_features), (out, in)
