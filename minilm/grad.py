@@ -20,6 +20,11 @@ no gradient). A LoraWeight at `model.layers.3.self_attn.q_proj.weight` gives the
 fused checkpoint tensor (Phi-3's qkv_proj and gate_up_proj), each part's LoraWeight gets its own
 entry; adapters that share one array have the sum of their entries as its gradient.
 
+The backward runs on the host (the NumPy and Numba backends); its products dx = dy W go through
+`ops.linear_input_grad` (BLAS; GGUF blocks a tile at a time on Numba). Positions are
+arange(seq), as transformers' forward without position_ids; a left-padded row's last padding
+position is scored when its label shifts onto the first token, as transformers does (PITFALLS.md).
+
 Qwen3-MoE: with `config.output_router_logits`, the loss includes router_aux_loss_coef times the
 load-balancing loss, as the forward's does, and its gradient flows into the routers.
 """

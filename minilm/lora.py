@@ -123,6 +123,10 @@ class LoraWeight:
             raise InputError(f"LoraWeight.reshape: the last axis must stay in_features={self.in_features}; got {shape}")
         return LoraWeight(self.base.reshape(shape), self.lora_A, self.lora_B, self.scaling, self.enabled)
 
+    def matrix(self):
+        """The base as an (out_features, in_features) matrix (a view; a quantized base as it is)."""
+        return self.base if self.ndim == 2 else self.base.reshape(self.out_features, self.in_features)
+
     def with_arrays(self, convert):
         """The same adapter with `convert` applied to base, lora_A and lora_B (e.g.
         `ops.prepare_weight` to place them where the backend reads them)."""
@@ -156,7 +160,7 @@ class LoraWeight:
 
     def linear(self, x, bias=None):
         """The forward, called by `ops.linear(x, self, bias)`. x: (..., in_features) -> (..., out_features)"""
-        y = ops.linear(x, self.base.reshape(self.out_features, self.in_features), bias)  # (..., out_features)
+        y = ops.linear(x, self.matrix(), bias)  # (..., out_features)
         if not self.enabled:
             return y
         lead, groups, rank = x.shape[:-1], self.groups, self.rank
@@ -179,8 +183,7 @@ def lora_linear_backward(dy, x, weight):
     """
     dy, x = np.asarray(dy, dtype=np.float32), np.asarray(x, dtype=np.float32)
     lead, groups = x.shape[:-1], weight.groups
-    base = weight.base.reshape(weight.out_features, weight.in_features)
-    dx = ops.linear_input_grad(dy, base)  # (..., in_features): dy W, W frozen
+    dx = ops.linear_input_grad(dy, weight.matrix())  # (..., in_features): dy W, W frozen
     if not weight.enabled:
         return dx, np.zeros_like(weight.lora_A), np.zeros_like(weight.lora_B)
     A, B, s = weight.lora_A, weight.lora_B, np.float32(weight.scaling)

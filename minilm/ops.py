@@ -10,7 +10,9 @@ it `reads_quantized` says whether the backend computes straight from a GGUF matr
 (`minilm.io.quants.QuantizedWeight`), which then never becomes float32. A `minilm.lora.LoraWeight`
 (a frozen weight plus a low-rank update) is recognised by `linear` itself (`is_lora`), which computes
 it with three products of the active backend. For training, `linear_input_grad` is the backward
-product dx = dy W through a frozen (possibly quantized) weight.
+product dx = dy W through a frozen (possibly quantized) weight; `linear_backward`,
+`attention_backward` and `moe_dispatch_backward` (NumPy, after their forwards) are the gradients
+of the three ops: upstream gradient and the forward's inputs in, input gradients out.
 
 Shapes:
     linear:        x (..., in_features), weight (out_features, in_features) -> (..., out_features)

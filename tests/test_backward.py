@@ -476,3 +476,20 @@ def test_linear_input_grad_on_gguf_blocks(type_name, monkeypatch):
         assert ops.reads_quantized(w)
         got = ops.linear_input_grad(dy, w)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_lora_over_gguf_blocks_forward_and_backward():
+    """QLoRA: a LoraWeight whose frozen base stays GGUF blocks computes the same forward and
+    gradients as one over the dequantized float32 base, on the Numba backend."""
+    base = random_weight("Q4_K", 12, 256, seed=3)
+    rng = np.random.default_rng(0)
+    a, b = _lora_arrays(rng, 1, 2, 256, 12)
+    x, dy = rng.standard_normal((3, 256)).astype(np.float32), rng.standard_normal((3, 12)).astype(np.float32)
+    dense = LoraWeight(np.asarray(base), a, b, scaling=2.0)
+    with ops.use_backend("numba"):
+        blocks = ops.prepare_weight(LoraWeight(base, a, b, scaling=2.0))
+        assert type(blocks.base).__name__ == "QuantizedWeight"
+        y, grads = ops.linear(x, blocks), lora_linear_backward(dy, x, blocks)
+    np.testing.assert_allclose(y, ops.linear(x, dense), rtol=1e-4, atol=1e-4)
+    for got, expected in zip(grads, lora_linear_backward(dy, x, dense), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
