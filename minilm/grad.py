@@ -22,7 +22,7 @@ entry; adapters that share one array have the sum of their entries as its gradie
 
 The backward runs on the host (the NumPy and Numba backends); its products dx = dy W go through
 `ops.linear_input_grad` (BLAS; GGUF blocks a tile at a time on Numba). Positions are
-arange(seq), as transformers' forward without position_ids; a left-padded row's last padding
+arange(seq) unless given, as in transformers' forward; a left-padded row's last padding
 position is scored when its label shifts onto the first token, as transformers does (PITFALLS.md).
 
 Qwen3-MoE: with `config.output_router_logits`, the loss includes router_aux_loss_coef times the
@@ -44,12 +44,13 @@ def lora_weights(model):
     return {name: w for name, w in flatten(model.params).items() if getattr(w, "is_lora", False)}
 
 
-def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_tokens=64):
+def value_and_grad(model, input_ids, labels, attention_mask=None, position_ids=None, *, chunk_tokens=64):
     """The causal-LM loss of `model(input_ids, attention_mask, labels=labels)` and its gradients
     with respect to every LoRA adapter in the model.
 
     input_ids, labels: (batch, seq) (labels -100 are ignored; position t predicts labels[t + 1]);
-    attention_mask: (batch, seq) of 0/1 or None. Returns (loss float32, {name: float32 array}) with
+    attention_mask: (batch, seq) of 0/1 or None; position_ids: (batch or 1, seq) or None (arange,
+    as the forward; BLOOM ignores them, as its forward does). Returns (loss float32, {name: float32 array}) with
     the names `<LoraWeight's name without .weight>.lora_A` / `.lora_B`. chunk_tokens: how many
     positions' logits the head holds at once ((chunk_tokens, vocab_size) float32: 64 MiB for
     Gemma 3's 262144 tokens at the default 64).
@@ -69,6 +70,7 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_token
     out = model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         use_cache=False,
         output_hidden_states=True,
         **({"output_router_logits": True} if with_router else {}),
@@ -86,7 +88,9 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, *, chunk_token
         loss = np.float32(loss + cfg.router_aux_loss_coef * aux)
         extra["drouter_logits"] = [cfg.router_aux_loss_coef * d for d in drouter]
     # 3. back through the layers
-    grads, _ = backbone.backbone_backward(p, cfg, dhidden, out.hidden_states, input_ids, attention_mask, **extra)
+    grads, _ = backbone.backbone_backward(
+        p, cfg, dhidden, out.hidden_states, input_ids, attention_mask, position_ids, **extra
+    )
     prefix = model.base_model_prefix
     named = {f"{prefix}.{name}": np.asarray(g, dtype=np.float32) for name, g in grads.items()}
     expected = {n[: -len(".weight")] + s for n in adapters for s in (".lora_A", ".lora_B")}

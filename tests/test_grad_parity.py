@@ -19,6 +19,8 @@ PEFT's names -> minilm's LoraWeights:
                        the three A gradients and the three B gradients stacked
 """
 
+import json
+
 import numpy as np
 import pytest
 from conftest import FIXTURES, max_diff
@@ -99,3 +101,33 @@ def test_lora_gradients_match_torch_autograd(case, backend):
     loss_diff = abs(float(loss) - float(ref["loss"]))
     print(f"{case} {backend}: loss diff {loss_diff:.2g}, grads max|diff| / max|ref| {worst:.2g}")
     assert any(np.abs(g).max() > 1e-3 for g in expected.values())  # gradients that say something
+
+
+PEFT_CASES = sorted(
+    p.parent.name for p in (FIXTURES / "lora").glob("*/reference.npz") if (p.parent / "adapter_config.json").is_file()
+)
+
+
+def test_peft_cases_found():
+    assert len(PEFT_CASES) >= 7, PEFT_CASES
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_gradients_of_peft_adapters_match_torch_autograd(case):
+    """The adapters of scripts/fixtures/lora.py (made by PEFT, loaded with `load_adapter`): every
+    linear layer of Gemma 3, Qwen3-MoE's attention, Phi-3's fused qkv_proj / gate_up_proj (rsLoRA)
+    and o_proj / down_proj, BLOOM's query_key_value, dense, dense_4h_to_h; batches with left
+    padding and explicit position_ids. Same tolerance as above."""
+    folder = FIXTURES / "lora" / case
+    ref = dict(np.load(folder / "reference.npz"))
+    base = json.loads((folder / "reference.json").read_text())["base_fixture"]
+    model = from_pretrained(FIXTURES / base)
+    model.load_adapter(folder)
+    loss, grads = value_and_grad(model, ref["input_ids"], ref["labels"], ref["attention_mask"], ref.get("position_ids"))
+    assert abs(float(loss) - float(ref["loss"])) <= 1e-4 * max(1.0, abs(float(ref["loss"]))), (loss, ref["loss"])
+    ours = fused_grads(grads, model.lora_modules)
+    expected = {k[len("grad.") :]: v for k, v in ref.items() if k.startswith("grad.")}
+    assert sorted(ours) == sorted(expected)
+    for name, g in expected.items():
+        d, tol = max_diff(ours[name], g), 1e-4 * float(np.abs(g).max())
+        assert d <= tol, f"{case} {name}: max|diff| {d:.3g} > {tol:.3g}"

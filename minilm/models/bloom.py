@@ -285,13 +285,13 @@ def bloom_model(
     )
 
 
-def bloom_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None):
+def bloom_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None):
     """The backbone's backward: from dout = dL/d(last_hidden_state) back to the word embeddings.
     hidden_states: the forward's (output_hidden_states=True, no cache): each block's input (the
     first one after the embedding LayerNorm), then the final normed output.
     -> {adapter name: gradient} (names under the backbone), dembeds (batch, seq, hidden_size):
        the gradient at the word embeddings, before their LayerNorm"""
-    inputs = prepare_inputs(cfg, p.word_embeddings.weight, input_ids, None, attention_mask, None, None, False)
+    inputs = prepare_inputs(cfg, p.word_embeddings.weight, input_ids, None, attention_mask, position_ids, None, False)
     keys = inputs.attention_mask
     if keys is None:
         keys = np.ones((inputs.batch, inputs.seq), np.int64)

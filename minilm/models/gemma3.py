@@ -415,7 +415,7 @@ def gemma3_model(
     )
 
 
-def gemma3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None):
+def gemma3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None):
     """The backbone's backward: from dout = dL/d(last_hidden_state) back to the embeddings.
 
     hidden_states: the forward's (output_hidden_states=True, no cache): each layer's input, then
@@ -423,7 +423,7 @@ def gemma3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None)
     -> {adapter name: gradient} (names under the backbone, e.g. "layers.3.self_attn.q_proj.lora_A"),
        dembeds (batch, seq, hidden_size): the gradient at the scaled embeddings
     """
-    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, None, None, False)
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, position_ids, None, False)
     seq_len = int(np.max(inputs.position_ids)) + 1
     rope = {
         kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))

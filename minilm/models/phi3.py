@@ -267,12 +267,12 @@ def phi3_model(
     )
 
 
-def phi3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None):
+def phi3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None):
     """The backbone's backward: from dout = dL/d(last_hidden_state) back to the embeddings.
     hidden_states: the forward's (output_hidden_states=True, no cache): each layer's input, then
     the final normed output. Each layer is recomputed from its input.
     -> {adapter name: gradient} (names under the backbone), dembeds (batch, seq, hidden_size)"""
-    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, None, None, False)
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, position_ids, None, False)
     cos, sin = map(inputs.place, rope_for_positions(cfg, inputs.position_ids))  # (batch, seq, rope_dim)
     mask = inputs.mask(cfg.sliding_window)  # (batch or 1, 1, seq, seq)
     last = len(p.layers) - 1

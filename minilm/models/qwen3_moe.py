@@ -343,7 +343,9 @@ def qwen3_moe_model(
     )
 
 
-def qwen3_moe_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, drouter_logits=None):
+def qwen3_moe_backward(
+    p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None, drouter_logits=None
+):
     """The backbone's backward: from dout = dL/d(last_hidden_state) back to the embeddings.
 
     hidden_states: the forward's (output_hidden_states=True, no cache): each layer's input, then
@@ -351,7 +353,7 @@ def qwen3_moe_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=No
     (the load-balancing loss's), or None. Each layer is recomputed from its input.
     -> {adapter name: gradient} (names under the backbone), dembeds (batch, seq, hidden_size)
     """
-    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, None, None, False)
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, position_ids, None, False)
     cos, sin = map(inputs.place, rope_cos_sin(inputs.position_ids, *compute_inv_freq(cfg)))  # (batch, seq, head_dim)
     mask = inputs.mask(cfg.window)  # (batch or 1, 1, seq, seq)
     sparse = [i for i in range(len(p.layers)) if cfg.is_sparse_layer(i)]
