@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .heads import ForCausalLM, causal_lm_head_loss_and_grad
+from .io.quants import QuantizedWeight
 from .modeling import flatten
 from .models.qwen3_moe import load_balancing_loss, load_balancing_loss_backward
 
@@ -63,6 +64,12 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, position_ids=N
     adapters = lora_weights(model)
     if not adapters:
         raise InputError("value_and_grad: the model has no LoraWeight to train (enable LoRA first)")
+    head = model.params.lm_head.weight
+    if not isinstance(head, (np.ndarray, QuantizedWeight)):
+        raise ConfigError(
+            f"value_and_grad runs on the host, but the model's weights are {type(head).__name__} (GPU memory): "
+            "set a CPU backend and call model.to_device() first"
+        )
     cfg = model.config
     p = model.params[model.base_model_prefix]
     with_router = bool(getattr(cfg, "output_router_logits", False))

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from test_quantized_weights import random_weight
 
 from minilm import nn, ops
+from minilm.errors import ConfigError, InputError
 from minilm.grad import value_and_grad
 from minilm.heads import causal_lm_head_loss_and_grad, causal_lm_loss, causal_lm_loss_backward
 from minilm.kernels.numba import quantized
@@ -493,3 +494,26 @@ def test_lora_over_gguf_blocks_forward_and_backward():
     np.testing.assert_allclose(y, ops.linear(x, dense), rtol=1e-4, atol=1e-4)
     for got, expected in zip(grads, lora_linear_backward(dy, x, dense), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_value_and_grad_refusals():
+    """A model without adapters, a model that is not a causal LM, and labels of the wrong shape
+    are refused with an error that names the problem."""
+    cfg = gemma3.Gemma3TextConfig(
+        vocab_size=20, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, query_pre_attn_scalar=4, sliding_window=4,
+    )  # fmt: skip
+    model = gemma3.Gemma3ForCausalLM(cfg)
+    ids = np.ones((1, 4), np.int64)
+    with pytest.raises(InputError, match="no LoraWeight"):
+        value_and_grad(model, ids, ids)
+    with pytest.raises(ConfigError, match="causal LM"):
+        value_and_grad(gemma3.Gemma3TextModel(cfg), ids, ids)
+    w = model.params.model.layers[0].self_attn.q_proj.weight
+    model.params.model.layers[0].self_attn.q_proj["weight"] = LoraWeight(
+        w, *_lora_arrays(np.random.default_rng(0), 1, 2, 8, 8)
+    )
+    with pytest.raises(InputError, match="labels"):
+        value_and_grad(model, ids, ids[:, :3])
+    with pytest.raises(InputError, match="lora_B"):
+        LoraWeight(w, np.zeros((2, 8), np.float32), np.zeros((3, 2), np.float32))
