@@ -22,6 +22,7 @@ from .errors import (
     NumericalError,
     UnknownArchitectureError,
 )
+from .grad import value_and_grad
 from .io import default_model
 from .io.load import from_pretrained
 from .keras.backbone import Backbone
@@ -108,6 +109,7 @@ __all__ = [
     "set_backend",
     "train",
     "use_backend",
+    "value_and_grad",
 ]
 
 __version__ = "0.1.0"
