@@ -41,6 +41,14 @@ def test_clip_grad_norm_matches_torch():
         np.testing.assert_allclose(grads[k], REF[f"clipped.{k}"], rtol=0, atol=1e-6)
 
 
+def test_clip_grad_norm_leaves_small_gradients_alone():
+    grads = {k: REF[f"grad1.{k}"].copy() for k in ("a", "b")}
+    total = clip_grad_norm(grads, max_norm=1e3)  # torch: the factor is clamped at 1
+    assert total < 1e3
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], REF[f"grad1.{k}"])
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_schedules_match_transformers(schedule):
     s = META["schedules"]
