@@ -507,12 +507,12 @@ def load_adapter(model, folder):
             key = f"{PEFT_PREFIX}{name}.{kind}.weight"
             if key not in tensors:
                 raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: missing {key!r}")
-            array = np.asarray(tensors.pop(key), dtype=np.float32)
+            array = np.asarray(tensors.pop(key), dtype=np.float32)  # (a read-only map of the file)
             if array.shape != shape:
                 raise CheckpointError(f"{key!r} has shape {array.shape}; the model and r={config.r} give {shape}")
             if not np.isfinite(array).all():
                 raise CheckpointError(f"{key!r} holds NaN or infinite values")
-            found.append(np.ascontiguousarray(array))
+            found.append(np.array(array, dtype=np.float32, order="C"))  # our own, writable copy (not the file map)
         adapters[name] = tuple(found)
     if tensors:
         raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: tensors no targeted module has: {sorted(tensors)[:5]}")

@@ -138,3 +138,26 @@ def test_fine_tune_tiny_gemma3_loss_falls():
     result = minilm.train(model, data, steps=25, lr=1e-2, warmup_steps=3, progress=False)
     assert result.losses[-1] < 0.5 * result.losses[0], result.losses
     assert result.tokens_per_second > 0
+
+
+def test_fused_phi3_adapter_trains_one_shared_a():
+    """PEFT's qkv_proj adapter on Phi-3 is one A shared by minilm's q / k / v parts: its gradient is the sum
+    of the parts' (minilm.grad gives one entry per part) and one AdamW state updates it once."""
+    from minilm.grad import value_and_grad
+    from minilm.peft import lora_weights
+
+    model = minilm.from_pretrained(FIXTURES / "phi3_causal_lm")
+    model.load_adapter(FIXTURES / "lora" / "phi3_fused")
+    ref = dict(np.load(FIXTURES / "lora" / "phi3_fused" / "reference.npz"))
+    batch = {"input_ids": ref["input_ids"], "labels": ref["labels"], "attention_mask": ref["attention_mask"]}
+    trainer = Trainer(model, lr=1e-2, max_grad_norm=None)
+    _, _, grads = trainer.gradients([batch])
+    _, parts = value_and_grad(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+    prefix = "model.layers.0.self_attn."
+    expected = sum(parts[prefix + f"{p}_proj.lora_A"] for p in "qkv")
+    np.testing.assert_allclose(grads[prefix + "q_proj.lora_A"], expected, rtol=1e-6, atol=1e-7)
+    assert prefix + "k_proj.lora_A" not in grads
+    trainer.step([batch])
+    weights = lora_weights(model)
+    a = [weights[prefix + f"{p}_proj"].lora_A for p in "qkv"]
+    assert np.shares_memory(a[0], a[1]) and np.shares_memory(a[0], a[2])
