@@ -7,6 +7,11 @@ under `base_model_prefix` (`model.` or `transformer.` in checkpoint names):
     sequence classification   logits = hidden[last non-pad token] @ score^T   (batch, num_labels)
     token classification      logits = hidden @ score^T + b                   (batch, seq, num_labels)
     question answering        start, end = split(hidden @ qa_outputs^T + b)   (batch, seq) each
+
+Training (`minilm/grad.py`): `cross_entropy_backward` and `causal_lm_loss_backward` follow their
+losses (upstream gradient in, input gradient out, as every `*_backward` in minilm), and
+`causal_lm_head_loss_and_grad` runs the causal-LM head, its loss and its gradient a few tokens at
+a time.
 """
 
 from __future__ import annotations
