@@ -36,6 +36,7 @@ import numpy as np
 from .errors import ConfigError, InputError
 from .heads import ForCausalLM, causal_lm_head_loss_and_grad
 from .io.quants import QuantizedWeight
+from .lora import FullWeight
 from .modeling import flatten
 from .models.qwen3_moe import load_balancing_loss, load_balancing_loss_backward
 
@@ -45,14 +46,19 @@ def lora_weights(model):
     return {name: w for name, w in flatten(model.params).items() if getattr(w, "is_lora", False)}
 
 
-def value_and_grad(model, input_ids, labels, attention_mask=None, position_ids=None, *, chunk_tokens=64):
+def value_and_grad(
+    model, input_ids, labels, attention_mask=None, position_ids=None, *, full_params=(), chunk_tokens=64
+):
     """The causal-LM loss of `model(input_ids, attention_mask, labels=labels)` and its gradients
-    with respect to every LoRA adapter in the model.
+    with respect to every LoRA adapter in the model (and to the weights `full_params` names).
 
     input_ids, labels: (batch, seq) (labels -100 are ignored; position t predicts labels[t + 1]);
     attention_mask: (batch, seq) of 0/1 or None; position_ids: (batch or 1, seq) or None (arange,
-    as the forward; BLOOM ignores them, as its forward does). Returns (loss float32, {name: float32 array}) with
-    the names `<LoraWeight's name without .weight>.lora_A` / `.lora_B`. chunk_tokens: how many
+    as the forward; BLOOM ignores them, as its forward does). Returns (loss float32, {name: float32
+    array}) with the names `<LoraWeight's name without .weight>.lora_A` / `.lora_B`.
+    full_params: names of linear layers' weights (e.g. "model.layers.0.mlp.down_proj.weight") whose
+    own gradient dL/dW = dy^T x is wanted too, full fine-tuning's (FullWeight wraps them for this
+    call); embeddings, the LM head, norms and expert stacks are refused. chunk_tokens: how many
     positions' logits the head holds at once ((chunk_tokens, vocab_size) float32: 64 MiB for
     Gemma 3's 262144 tokens at the default 64).
     """
@@ -62,7 +68,7 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, position_ids=N
     if not hasattr(backbone, "backbone_backward"):
         raise ConfigError(f"{backbone.__name__} has no backward pass")
     adapters = lora_weights(model)
-    if not adapters:
+    if not adapters and not full_params:
         raise InputError("value_and_grad: the model has no LoraWeight to train (enable LoRA first)")
     head = model.params.lm_head.weight
     if not isinstance(head, (np.ndarray, QuantizedWeight)):
@@ -70,6 +76,27 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, position_ids=N
             f"value_and_grad runs on the host, but the model's weights are {type(head).__name__} (GPU memory): "
             "set a CPU backend and call model.to_device() first"
         )
+    expected = {n[: -len(".weight")] + s for n in adapters for s in (".lora_A", ".lora_B")}
+    wrapped = _wrap_full_params(model, full_params)
+    try:
+        loss, grads = _loss_and_backward(model, input_ids, labels, attention_mask, position_ids, chunk_tokens)
+    finally:
+        for node, weight in wrapped.values():
+            node["weight"] = weight  # the plain weight again
+    prefix = model.base_model_prefix
+    named = {f"{prefix}.{name}": np.asarray(g, dtype=np.float32) for name, g in grads.items()}
+    for name, (_, weight) in wrapped.items():
+        if name in named:
+            named[name] = named[name].reshape(weight.shape)  # BLOOM's per-head view of query_key_value
+    expected |= set(wrapped)
+    if set(named) != expected:
+        missing = sorted(expected - set(named))
+        raise ConfigError(f"value_and_grad: the backward pass of {backbone.__name__} gives no gradient for {missing}")
+    return loss, named
+
+
+def _loss_and_backward(model, input_ids, labels, attention_mask, position_ids, chunk_tokens):
+    """Steps 1-3 above: (loss, {name under the backbone: gradient})."""
     cfg = model.config
     p = model.params[model.base_model_prefix]
     with_router = bool(getattr(cfg, "output_router_logits", False))
@@ -95,13 +122,33 @@ def value_and_grad(model, input_ids, labels, attention_mask=None, position_ids=N
         loss = np.float32(loss + cfg.router_aux_loss_coef * aux)
         extra["drouter_logits"] = [cfg.router_aux_loss_coef * d for d in drouter]
     # 3. back through the layers
-    grads, _ = backbone.backbone_backward(
+    grads, _ = model.base_model_class.backbone_backward(
         p, cfg, dhidden, out.hidden_states, input_ids, attention_mask, position_ids, **extra
     )
-    prefix = model.base_model_prefix
-    named = {f"{prefix}.{name}": np.asarray(g, dtype=np.float32) for name, g in grads.items()}
-    expected = {n[: -len(".weight")] + s for n in adapters for s in (".lora_A", ".lora_B")}
-    if set(named) != expected:
-        missing = sorted(expected - set(named))
-        raise ConfigError(f"value_and_grad: the backward pass of {backbone.__name__} gives no gradient for {missing}")
-    return loss, named
+    return loss, grads
+
+
+NOT_LINEAR = ("embed_tokens.weight", "word_embeddings.weight", "lm_head.weight")
+
+
+def _wrap_full_params(model, names):
+    """Wrap each named linear weight in a FullWeight, in place: {name: (its node, the plain weight)}."""
+    flat = flatten(model.params)
+    wrapped = {}
+    for name in names:
+        weight = flat.get(name)
+        if weight is None:
+            raise InputError(f"full_params: the model has no weight {name!r}")
+        if not name.endswith(".weight") or name.endswith(NOT_LINEAR) or ".experts." in name or weight.ndim < 2:
+            raise InputError(
+                f"full_params: {name!r} is not a linear layer's weight (embeddings, the LM head, norms and "
+                "expert stacks have no full-parameter gradient here)"
+            )
+        if not isinstance(weight, np.ndarray) or getattr(weight, "is_lora", False):
+            raise InputError(f"full_params: {name!r} is {type(weight).__name__}, not a plain float array")
+        node = model.params
+        for part in name.split(".")[:-1]:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node["weight"] = FullWeight(weight)
+        wrapped[name] = (node, weight)
+    return wrapped

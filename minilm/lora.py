@@ -61,7 +61,8 @@ class LoraWeight:
     place (or assigns new arrays of the same shapes).
     """
 
-    is_lora = True  # what `ops.linear` looks for
+    is_lora = True  # what `ops.prepare_weight`, `ops.like` and `ops.to_host` look for
+    has_backward = True  # `ops.linear` calls `linear`, `ops.linear_backward` calls `backward`
 
     def __init__(self, base, lora_A, lora_B, scaling=1.0, enabled=True):
         shape = tuple(base.shape)
@@ -170,8 +171,9 @@ class LoraWeight:
         return y + (self.scaling * u.reshape(*lead, self.out_features)).astype(y.dtype, copy=False)
 
     def backward(self, dy, x):
-        """`lora_linear_backward` (below), called by `ops.linear_backward`: (dx, dA, dB)."""
-        return lora_linear_backward(dy, x, self)
+        """`lora_linear_backward` (below), called by `ops.linear_backward`: (dx, {"lora_A": dA, "lora_B": dB})."""
+        dx, d_a, d_b = lora_linear_backward(dy, x, self)
+        return dx, {"lora_A": d_a, "lora_B": d_b}
 
 
 def lora_linear_backward(dy, x, weight):
@@ -195,6 +197,41 @@ def lora_linear_backward(dy, x, weight):
     dB = s * np.einsum("ngo,ngr->or", dy_g, t)  # (out_features // groups, rank): sum_g dy_g^T t_g
     dx = dx + np.einsum("ngr,gri->ni", dt, A).reshape(*lead, weight.in_features)  # + sum_g dt_g A[g]
     return dx, dA.astype(np.float32), dB.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full fine-tuning of one linear layer (value_and_grad's full_params)
+# ---------------------------------------------------------------------------------------------
+
+
+class FullWeight:
+    """A plain weight whose own gradient the backward pass computes: y = x W^T + b as usual, and
+
+        dx = dy W,   dW = dy^T x   (out_features, in_features), summed over every position
+
+    `value_and_grad(..., full_params=[names])` wraps the named weights for one call."""
+
+    is_lora = False
+    has_backward = True
+
+    def __init__(self, base):
+        self.base = base
+
+    @property
+    def shape(self):
+        return tuple(self.base.shape)
+
+    def reshape(self, *shape):
+        return FullWeight(self.base.reshape(*shape))
+
+    def linear(self, x, bias=None):
+        return ops.linear(x, self.base, bias)
+
+    def backward(self, dy, x):
+        """(dx (..., in_features), {"weight": dW (out_features, in_features) float32})."""
+        dy2 = np.asarray(dy, np.float32).reshape(-1, self.base.shape[0])  # (tokens, out_features)
+        x2 = np.asarray(x, np.float32).reshape(-1, self.base.shape[1])  # (tokens, in_features)
+        return ops.linear_input_grad(dy, self.base), {"weight": dy2.T @ x2}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ def _impl(op):
 
 
 def linear(x, weight, bias=None):
-    if getattr(weight, "is_lora", False):  # a LoraWeight: base product + low-rank update (minilm.lora)
+    if getattr(weight, "has_backward", False):  # a LoraWeight: base product + low-rank update (minilm.lora)
         return weight.linear(x, bias)
     return _impl("linear")(x, weight, bias)
 
@@ -298,13 +298,14 @@ def linear_backward(dy, x, weight, name="", grads=None):
     """The backward of `linear(x, weight, bias)`: dx = dy W through the weight (frozen).
 
     A LoraWeight's adapter gradients go into `grads` (a dict) as "<name>.lora_A" (groups, rank,
-    in_features) and "<name>.lora_B" (out_features // groups, rank); a plain or quantized weight
-    adds nothing. dy: (..., out_features), x: (..., in_features) -> dx (..., in_features) float32"""
-    if not getattr(weight, "is_lora", False):
+    in_features) and "<name>.lora_B" (out_features // groups, rank); a `minilm.lora.FullWeight`'s
+    as "<name>.weight"; a plain or quantized weight adds nothing.
+    dy: (..., out_features), x: (..., in_features) -> dx (..., in_features) float32"""
+    if not getattr(weight, "has_backward", False):
         return linear_input_grad(dy, weight)
-    dx, d_a, d_b = weight.backward(dy, x)
+    dx, own = weight.backward(dy, x)
     if grads is not None:
-        grads[f"{name}.lora_A"], grads[f"{name}.lora_B"] = d_a, d_b
+        grads.update({f"{name}.{kind}": g for kind, g in own.items()})
     return dx
 
 

@@ -572,3 +572,42 @@ def test_value_and_grad_bloom_post_layernorm_residual_matches_finite_differences
             array += h * v
             analytic = float(np.sum(grads[f"{name}.{part}"] * v))
             assert math.isclose(analytic, (up - down) / (2 * h), rel_tol=2e-2, abs_tol=2e-3), (name, part)
+
+
+def test_full_parameter_gradients_match_finite_differences():
+    """full_params: dL/dW of named linear weights (full fine-tuning), here with no adapter at all:
+    Gemma 3's q_proj and down_proj, BLOOM's fused query_key_value (its per-head 4-D view)."""
+    rng = np.random.default_rng(2)
+    gcfg = gemma3.Gemma3TextConfig(
+        vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=3, final_logit_softcapping=4.0,
+    )  # fmt: skip
+    bcfg = bloom.BloomConfig(vocab_size=30, hidden_size=12, n_layer=2, n_head=3)
+    ids = rng.integers(1, 30, (2, 5))
+    for model, names in (
+        (
+            gemma3.Gemma3ForCausalLM(gcfg),
+            ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"],
+        ),
+        (bloom.BloomForCausalLM(bcfg), ["transformer.h.1.self_attention.query_key_value.weight"]),
+    ):
+        shapes = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+        model.load_state_dict({k: rng.normal(0, 0.4, shape).astype(np.float32) for k, shape in shapes.items()})
+        loss, grads = value_and_grad(model, ids, ids, full_params=names)
+        assert sorted(grads) == sorted(names)
+        flat = model.state_dict()
+        assert all(type(flat[n]) is np.ndarray for n in names)  # unwrapped again
+        for name in names:
+            weight, v, h = flat[name], rng.standard_normal(flat[name].shape).astype(np.float32), 3e-3
+            assert grads[name].shape == weight.shape
+            weight += h * v
+            up = float(model(ids, labels=ids).loss)
+            weight -= 2 * h * v
+            down = float(model(ids, labels=ids).loss)
+            weight += h * v
+            analytic = float(np.sum(grads[name] * v))
+            assert math.isclose(analytic, (up - down) / (2 * h), rel_tol=2e-2, abs_tol=2e-3), (name, analytic)
+    with pytest.raises(InputError, match="not a linear layer"):
+        value_and_grad(model, ids, ids, full_params=["transformer.word_embeddings.weight"])
+    with pytest.raises(InputError, match="no weight"):
+        value_and_grad(model, ids, ids, full_params=["transformer.h.9.mlp.dense_h_to_4h.weight"])
