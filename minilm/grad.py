@@ -19,6 +19,8 @@ no gradient). A LoraWeight at `model.layers.3.self_attn.q_proj.weight` gives the
 (out_features // groups, rank), float32, keyed by the params' own names. Where minilm splits a
 fused checkpoint tensor (Phi-3's qkv_proj and gate_up_proj), each part's LoraWeight gets its own
 entry; adapters that share one array have the sum of their entries as its gradient.
+`full_params=[names]` adds the gradients of named linear weights (full fine-tuning), under their
+own names.
 
 The backward runs on the host (the NumPy and Numba backends); its products dx = dy W go through
 `ops.linear_input_grad` (BLAS; GGUF blocks a tile at a time on Numba). Positions are
