@@ -57,7 +57,7 @@ class LoraWeight:
     scaling  float (PEFT: lora_alpha / rank; keras: lora_alpha / rank, alpha defaulting to rank)
     enabled  False: the layer computes with the base weight alone
 
-    `ops.linear(x, w)` dispatches on `is_lora`. The optimizer changes `lora_A` and `lora_B` in
+    `ops.linear(x, w)` dispatches on `has_backward`. The optimizer changes `lora_A` and `lora_B` in
     place (or assigns new arrays of the same shapes).
     """
 

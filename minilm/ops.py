@@ -8,7 +8,7 @@ changes and never knows which backend is active. A fourth op, `prepare_weight`, 
 weight when a model loads: it puts the weight where, and in the form, the backend reads it; with
 it `reads_quantized` says whether the backend computes straight from a GGUF matrix's blocks
 (`minilm.io.quants.QuantizedWeight`), which then never becomes float32. A `minilm.lora.LoraWeight`
-(a frozen weight plus a low-rank update) is recognised by `linear` itself (`is_lora`), which computes
+(a frozen weight plus a low-rank update) is recognised by `linear` itself (`has_backward`), which computes
 it with three products of the active backend. For training, `linear_input_grad` is the backward
 product dx = dy W through a frozen (possibly quantized) weight; `linear_backward`,
 `attention_backward` and `moe_dispatch_backward` (NumPy, after their forwards) are the gradients
@@ -284,7 +284,7 @@ def _impl(op):
 
 
 def linear(x, weight, bias=None):
-    if getattr(weight, "has_backward", False):  # a LoraWeight: base product + low-rank update (minilm.lora)
+    if getattr(weight, "has_backward", False):  # a LoraWeight (base product + low-rank update) or FullWeight
         return weight.linear(x, bias)
     return _impl("linear")(x, weight, bias)
 
