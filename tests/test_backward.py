@@ -394,7 +394,7 @@ def test_scaled_embedding_backward(seed):
 
 
 def test_value_and_grad_gemma3_matches_finite_differences():
-    """Tiny random Gemma 3 (two sliding layers of window 3 and a global one, GQA, soft cap),
+    """Tiny random Gemma 3 (two sliding layers of window 3 and a global one, GQA, both soft caps),
     LoRA on q/v (PEFT's form) and keras' per-head form on k; a right-padded row."""
     cfg = gemma3.Gemma3TextConfig(
         vocab_size=30,
@@ -408,6 +408,8 @@ def test_value_and_grad_gemma3_matches_finite_differences():
         sliding_window=3,
         sliding_window_pattern=3,
         final_logit_softcapping=3.0,
+        attn_logit_softcapping=2.0,
+        apply_attn_logit_softcapping=True,  # keras-hub's attention soft cap, applied
     )
     rng = np.random.default_rng(0)
     model = gemma3.Gemma3ForCausalLM(cfg)
