@@ -71,6 +71,7 @@ assert len(examples) > 300 and all(r["capital"] for r in rows)
 
 # %%
 if MODEL == "270m":
+    minilm.set_backend("numba")  # the compiled kernels behind the same seam, forward and backward
     start = time.perf_counter()
     model = minilm.from_pretrained(minilm.default_model.default_model_path())
     print(f"loaded Gemma 3 270M in {time.perf_counter() - start:.0f} s")
@@ -156,7 +157,7 @@ ax.set_ylabel("cross-entropy")
 ax.set_title(f"LoRA fine-tune ({MODEL}), rank 8 on q_proj and v_proj")
 ax.legend()
 plt.show()
-assert last < 0.6 * first, (first, last)  # the tiny model's loss falls by more than 40 %
+assert last < (0.6 if MODEL == "tiny" else 0.9) * first, (first, last)  # tiny: the loss falls by more than 40 %
 
 # %% [markdown]
 # ## After: the same prompts
@@ -197,7 +198,29 @@ assert np.allclose(merged, logits, atol=1e-4)
 # %% [markdown]
 # ## Figures from a 270M run
 #
-# The tiny model above learns the shape of the sentences. The same notebook with
-# `MINILM_LORA_MODEL=270m` fine-tunes the real model; what it takes is recorded in the README's LoRA
-# section (time per step, tokens/s, memory at sequence 256 and batch 4, and transformers + peft on torch
-# for the same step).
+# The tiny model above only learns the shape of the sentences. The same notebook with
+# `MINILM_LORA_MODEL=270m MINILM_LORA_STEPS=20` fine-tunes the shipped Gemma 3 270M (Numba backend,
+# batch 4, learning rate 1e-3, 821 tokens in all). Measured once, on this repository's build machine:
+# 2 CPU cores shared with other jobs (load average about 12), so a laptop with two free cores is
+# several times faster.
+#
+# * 20 steps in 436 s (about 22 s a step, 1.9 tokens/s); the whole notebook, loading included, 673 s.
+# * Loss per step: 3.19 3.37 3.13 3.08 2.50 2.49 2.05 1.87 2.08 1.55 1.73 1.35 1.41 1.54 1.14 1.52
+#   1.15 1.18 1.31 1.44 (mean of the first five 3.05, of the last five 1.32).
+# * Before and after, countries the fine-tune never saw (greedy):
+#
+#   | The capital of ... is | before | after |
+#   |---|---|---|
+#   | Afghanistan | Kabul, the capital of the Islamic Republic of ... | Kabul. Kabul is a city in Afghanistan, Asia. |
+#   | Botswana | the capital of the country. | Gaborone. Botswana is a country in Africa. |
+#   | Dominican Republic | the capital of the Dominican Republic. | Santo Domingo. |
+#   | Honduras | the capital of the country of Honduras. | Tegucigalpa. |
+#
+# * Saved, reloaded and merged: max |merged − adapter| = 6e-5 on the logits.
+#
+# One training step at sequence 256, batch 4 (1024 tokens), random weights of the 270M's shapes, 2
+# threads, same machine (`python scripts/bench_lora.py --impl minilm|torch`): minilm (NumPy backend)
+# 417-592 s a step (1.7-2.5 tokens/s), training memory 1.55 GiB at its peak, weights included;
+# transformers 5.23 + peft 0.21.2 on torch 2.13 CPU, 148 s (6.9 tokens/s), 6.5 GiB (it keeps every
+# layer's activations and the full 262k-wide logits, where minilm recomputes each layer in the backward
+# pass and computes the head a few tokens at a time).
