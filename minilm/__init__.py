@@ -25,6 +25,7 @@ from .errors import (
     NumericalError,
     UnknownArchitectureError,
 )
+from .grad import value_and_grad
 from .io import default_model
 from .io.load import from_pretrained
 from .keras.backbone import Backbone
@@ -33,6 +34,7 @@ from .keras.gemma3 import Gemma3Backbone
 from .keras.gemma3_vision import Gemma3VisionEncoder
 from .keras.phi3 import Phi3Backbone
 from .keras.qwen3_moe import Qwen3MoeBackbone
+from .lora import LoraWeight
 from .modeling import ModelOutput
 from .models.bloom import (
     BloomConfig,
@@ -61,9 +63,12 @@ from .models.qwen3_moe import (
     Qwen3MoeModel,
 )
 from .ops import get_backend, set_backend, use_backend
+from .peft import LoraConfig
+from .train import AdamW, Trainer, TrainResult, train
 
 __all__ = [
     "ActivationNameError",
+    "AdamW",
     "Backbone",
     "BloomBackbone",
     "BloomConfig",
@@ -86,6 +91,8 @@ __all__ = [
     "Gemma3VisionEncoder",
     "InputError",
     "KVCache",
+    "LoraConfig",
+    "LoraWeight",
     "MinilmError",
     "NumericalError",
     "ModelOutput",
@@ -104,6 +111,8 @@ __all__ = [
     "Qwen3MoeModel",
     "SiglipVisionConfig",
     "SlidingWindowCache",
+    "TrainResult",
+    "Trainer",
     "UnknownArchitectureError",
     "capture",
     "capture_names",
@@ -115,7 +124,9 @@ __all__ = [
     "intervene",
     "ops",
     "set_backend",
+    "train",
     "use_backend",
+    "value_and_grad",
 ]
 
 __version__ = "0.1.0"

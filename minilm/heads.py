@@ -7,6 +7,11 @@ under `base_model_prefix` (`model.` or `transformer.` in checkpoint names):
     sequence classification   logits = hidden[last non-pad token] @ score^T   (batch, num_labels)
     token classification      logits = hidden @ score^T + b                   (batch, seq, num_labels)
     question answering        start, end = split(hidden @ qa_outputs^T + b)   (batch, seq) each
+
+Training (`minilm/grad.py`): `cross_entropy_backward` and `causal_lm_loss_backward` follow their
+losses (upstream gradient in, input gradient out, as every `*_backward` in minilm), and
+`causal_lm_head_loss_and_grad` runs the causal-LM head, its loss and its gradient a few tokens at
+a time.
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ def cross_entropy(logits, labels, ignore_index=-100):
     return np.float32(-np.mean(log_probs[np.arange(keep.sum()), labels[keep]]))
 
 
+def cross_entropy_backward(logits, labels, ignore_index=-100):
+    """Gradient of `cross_entropy` with respect to the logits: (softmax(logits) - onehot(label)) / n
+    on the n rows that count, 0 on ignored rows.
+
+    logits: (n, num_classes), labels: (n,) -> dlogits (n, num_classes) float32"""
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels).astype(np.int64)
+    keep = labels != ignore_index
+    dlogits = np.zeros_like(logits)
+    if not keep.any():
+        return dlogits
+    probs = nn.softmax(logits[keep], axis=-1)  # (n_kept, num_classes)
+    probs[np.arange(keep.sum()), labels[keep]] -= 1
+    dlogits[keep] = probs / np.float32(keep.sum())
+    return dlogits
+
+
 def check_labels(labels, shape, what):
     """InputError unless `labels` are integers of `shape` (a loss must never index out of its row)."""
     labels = np.asarray(labels)
@@ -56,6 +78,55 @@ def causal_lm_loss(logits, labels):
     check_labels(labels, logits.shape[:2], "labels (one token id per position)")
     shifted = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), -100)], axis=1)  # (batch, seq)
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1))
+
+
+def shift_labels(labels):
+    """The labels position t predicts: labels[t + 1], and -100 (ignored) at the last position.
+    labels: (batch, seq) -> (batch, seq)"""
+    labels = np.asarray(labels)
+    return np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), -100)], axis=1)
+
+
+def causal_lm_loss_backward(logits, labels):
+    """Gradient of `causal_lm_loss` with respect to the logits: the shifted labels' cross entropy.
+    logits: (batch, seq, vocab_size), labels: (batch, seq) -> dlogits (batch, seq, vocab_size)"""
+    check_labels(labels, logits.shape[:2], "labels (one token id per position)")
+    shifted = shift_labels(labels).reshape(-1)  # (batch * seq,)
+    return cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), shifted).reshape(logits.shape)
+
+
+def causal_lm_head_loss_and_grad(hidden, lm_head, labels, soft_cap=None, chunk_tokens=64):
+    """The causal-LM head, its loss and the loss's gradient at the final hidden states, a few
+    tokens at a time: the (tokens, vocab_size) logits of a 262k vocabulary never exist at once.
+
+        logits = soft_cap(hidden lm_head^T)         loss = cross entropy of the shifted labels
+        dlogits = (softmax(logits) - onehot) / n    dlogits_raw = soft_cap'(.) * dlogits
+        dhidden = dlogits_raw lm_head                (lm_head frozen: tied to the embeddings or not)
+
+    hidden: (batch, seq, hidden_size); lm_head: (vocab_size, hidden_size); labels: (batch, seq)
+    -> loss (float32 scalar), dhidden (batch, seq, hidden_size) float32
+    """
+    b, s, hidden_size = hidden.shape
+    check_labels(labels, (b, s), "labels (one token id per position)")
+    targets = shift_labels(labels).reshape(-1)  # (tokens,)
+    count = np.count_nonzero(targets != -100)
+    flat = hidden.reshape(b * s, hidden_size)  # (tokens, hidden_size)
+    dhidden = np.zeros((b * s, hidden_size), np.float32)
+    total = 0.0
+    for start in range(0, b * s, chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        keep = targets[rows] != -100
+        if not keep.any():
+            continue
+        raw = ops.to_host(ops.linear(flat[rows][keep], lm_head)).astype(np.float32)  # (kept, vocab_size)
+        logits = raw if soft_cap is None else nn.soft_cap(raw, np.float32(soft_cap))
+        total += cross_entropy(logits, targets[rows][keep]) * np.float64(keep.sum())  # the chunk's sum
+        dlogits = cross_entropy_backward(logits, targets[rows][keep]) * (keep.sum() / np.float32(count))
+        if soft_cap is not None:
+            dlogits = nn.soft_cap_backward(dlogits, raw, soft_cap)
+        dhidden[start : start + len(keep)][keep] = ops.linear_input_grad(dlogits, lm_head)
+    loss = np.float32(total / count) if count else np.float32(np.nan)
+    return loss, dhidden.reshape(b, s, hidden_size)
 
 
 def sequence_classification_loss(pooled_logits, labels, config):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nn, ops
+from . import nn, ops, peft
 from .cache import KVCache, mask_for_cached_keys
 from .config import read_config_json
 from .errors import CheckpointError, ConfigError, InputError
@@ -314,13 +314,52 @@ class PreTrainedModel:
         self.params = nest(moved)
         return self
 
-    def num_parameters(self):
-        seen, total = set(), 0
-        for a in self.state_dict().values():
-            if id(a) not in seen:
-                seen.add(id(a))
-                total += a.size
-        return total
+    def num_parameters(self, only_trainable=False):
+        """Every distinct weight (a tied head once), as transformers counts; only_trainable=True:
+        with LoRA enabled, the adapters' A and B alone (`minilm.peft.count_parameters`)."""
+        return peft.count_parameters(self, only_trainable)
+
+    # -- LoRA, PEFT's way (minilm/peft.py) ------------------------------------------------
+
+    lora_config = None  # a peft.LoraConfig once enable_lora / load_adapter ran
+
+    def enable_lora(self, r=8, target_modules=None, lora_alpha=8, lora_dropout=0.0, use_rslora=False, seed=0):
+        """Freeze every weight and adapt the targeted linear layers with LoRA, as PEFT's
+        `get_peft_model(model, LoraConfig(r, lora_alpha, target_modules, lora_dropout))`."""
+        return peft.enable_lora(self, r, target_modules, lora_alpha, lora_dropout, use_rslora, seed)
+
+    def trainable_parameters(self):
+        """{name: array} of the LoRA A and B matrices (what training changes)."""
+        return peft.trainable_parameters(self)
+
+    def merge_lora(self):
+        """Fold the adapter into the weights (W + scaling B A); `unmerge_lora` undoes it exactly."""
+        peft.merge_lora(self)
+        return self
+
+    def unmerge_lora(self):
+        peft.unmerge_lora(self)
+        return self
+
+    def merge_and_unload(self):
+        """PEFT's merge_and_unload: a plain model with the adapter folded in."""
+        return peft.merge_and_unload(self)
+
+    def disable_adapters(self):
+        """Compute with the base weights alone; as a context manager, only inside the block."""
+        return peft._AdaptersDisabled(self)
+
+    def enable_adapters(self):
+        peft.set_adapters_enabled(self, True)
+        return self
+
+    def save_adapter(self, folder):
+        """adapter_config.json + adapter_model.safetensors, PEFT's format and tensor names."""
+        peft.save_adapter(self, folder)
+
+    def load_adapter(self, folder):
+        """Load a PEFT adapter folder (PEFT's or minilm's) onto this model."""
+        return peft.load_adapter(self, folder)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -333,6 +372,11 @@ class PreTrainedModel:
 
     def save_pretrained(self, folder, *, max_shard_bytes=None):
         """Write config.json + safetensors in the layout transformers (and the Hub) use."""
+        if self.lora_config is not None:
+            raise ConfigError(
+                "this model holds a LoRA adapter: save_adapter(folder) saves it; after merge_and_unload() "
+                "save_pretrained saves the merged model"
+            )
         folder = Path(folder)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(folder)

@@ -8,6 +8,12 @@ check against the equation by eye. Axis names used in the shape comments:
 
 Model files import these; the three hot spots (matmul, attention, expert dispatch) live in
 `minilm.ops`, where the compiled kernels can swap in.
+
+Backward pass (training, `minilm/grad.py`): each `f_backward` sits right after its forward `f`. It
+takes the upstream gradient dy = dL/d(output) plus what the forward saw (its inputs), recomputes
+what it needs, and returns the gradients of the inputs, in float32. No tape, no autograd: the
+chain rule written out, one function per forward, checked against finite differences
+(`tests/test_backward.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,22 @@ def rms_norm(x, weight, eps):
     return weight * normed.astype(x.dtype, copy=False)
 
 
+def rms_norm_backward(dy, x, weight, eps):
+    """Gradients of y = x / r * w, r = sqrt(mean(x^2) + eps), over the last axis (dim):
+
+        dL/dx = (g - n * mean(g * n)) / r    with g = dy * w, n = x / r
+        dL/dw = sum of dy * n over every axis but the last
+
+    dy, x: (..., dim), weight: (dim,) -> dx (..., dim), dweight (dim,), float32
+    """
+    dy, x = np.asarray(dy, dtype=np.float32), x.astype(np.float32, copy=False)
+    r = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))  # (..., 1)
+    n = x / r  # (..., dim): the normalised x
+    g = dy * weight.astype(np.float32, copy=False)  # (..., dim): gradient at n
+    dx = (g - n * np.mean(g * n, axis=-1, keepdims=True)) / r
+    return dx, (dy * n).reshape(-1, x.shape[-1]).sum(0)
+
+
 @fusable
 def layer_norm(x, weight, bias, eps):
     """LayerNorm (Ba et al., 2016): (x - mean) / sqrt(var + eps) * weight + bias.
@@ -49,6 +71,24 @@ def layer_norm(x, weight, bias, eps):
     variance = np.mean(centered * centered, axis=-1, keepdims=True)  # (..., 1)
     normed = centered / np.sqrt(variance + np.float32(eps))
     return (normed * weight + bias).astype(x.dtype, copy=False)
+
+
+def layer_norm_backward(dy, x, weight, eps):
+    """Gradients of y = n * w + b, n = (x - mean(x)) / sqrt(var(x) + eps), over the last axis:
+
+        dL/dx = (g - mean(g) - n * mean(g * n)) / sqrt(var + eps)    with g = dy * w
+        dL/dw = sum(dy * n),  dL/db = sum(dy)   (over every axis but the last)
+
+    dy, x: (..., dim), weight: (dim,) -> dx (..., dim), dweight (dim,), dbias (dim,), float32
+    """
+    dy, x = np.asarray(dy, dtype=np.float32), x.astype(np.float32, copy=False)
+    centered = x - np.mean(x, axis=-1, keepdims=True)
+    std = np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + np.float32(eps))  # (..., 1)
+    n = centered / std  # (..., dim)
+    g = dy * weight.astype(np.float32, copy=False)  # (..., dim): gradient at n
+    dx = (g - np.mean(g, axis=-1, keepdims=True) - n * np.mean(g * n, axis=-1, keepdims=True)) / std
+    dim = x.shape[-1]
+    return dx, (dy * n).reshape(-1, dim).sum(0), dy.reshape(-1, dim).sum(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,9 +116,24 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
+def silu_backward(dy, x):
+    """d silu / dx = s (1 + x (1 - s)) with s = sigmoid(x). dy, x: (...) -> dx (...)"""
+    x = x.astype(np.float32, copy=False)
+    s = 1 / (1 + np.exp(-x))
+    return dy * (s * (1 + x * (1 - s)))
+
+
 def gelu(x):
     """GELU with the exact Gaussian CDF: x * Phi(x)."""
     return 0.5 * x * (1 + _erf(x / math.sqrt(2)).astype(x.dtype, copy=False))
+
+
+def gelu_backward(dy, x):
+    """d gelu / dx = Phi(x) + x phi(x): the Gaussian CDF plus x times its density. dy, x: (...) -> dx"""
+    x = x.astype(np.float32, copy=False)
+    cdf = 0.5 * (1 + _erf(x / math.sqrt(2)).astype(np.float32, copy=False))
+    pdf = np.exp(-0.5 * x * x) / np.float32(math.sqrt(2 * math.pi))
+    return dy * (cdf + x * pdf)
 
 
 @fusable
@@ -86,6 +141,15 @@ def gelu_tanh(x):
     """GELU, tanh approximation (GPT-2, BLOOM, Gemma): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
     c, k = x.dtype.type(math.sqrt(2 / math.pi)), x.dtype.type(0.044715)
     return 0.5 * x * (1 + np.tanh(c * (x + k * x * x * x)))
+
+
+def gelu_tanh_backward(dy, x):
+    """With t = tanh(c (x + k x^3)):  d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2).
+    dy, x: (...) -> dx (...)"""
+    x = x.astype(np.float32, copy=False)
+    c, k = np.float32(math.sqrt(2 / math.pi)), np.float32(0.044715)
+    t = np.tanh(c * (x + k * x * x * x))
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * k * x * x))
 
 
 def _erf(x):
@@ -115,9 +179,30 @@ def activation(name):
     return ACTIVATIONS[name]
 
 
+ACTIVATION_BACKWARDS = {"silu": silu_backward, "swish": silu_backward, "gelu": gelu_backward}
+ACTIVATION_BACKWARDS.update(dict.fromkeys(("gelu_pytorch_tanh", "gelu_new", "gelu_fast"), gelu_tanh_backward))
+
+
+def activation_backward(name):
+    """The backward `(dy, x) -> dx` of the activation a config names."""
+    activation(name)  # the same error for an unknown name
+    return ACTIVATION_BACKWARDS[name]
+
+
 def soft_cap(x, cap):
     """Logit soft-capping (Gemma 2/3): cap * tanh(x / cap). Smoothly bounds x to (-cap, cap)."""
     return cap * np.tanh(x / cap)
+
+
+def soft_cap_backward(dy, x, cap):
+    """d/dx cap * tanh(x / cap) = 1 - tanh(x / cap)^2. dy, x: (...) -> dx (...)"""
+    t = np.tanh(np.asarray(x, dtype=np.float32) / np.float32(cap))
+    return dy * (1 - t * t)
+
+
+def softmax_backward(dy, y, axis=-1):
+    """Gradient of y = softmax(x) given y: dx = y * (dy - sum(dy * y)) along `axis`."""
+    return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,3 +316,7 @@ def merge_heads(x):
     """(batch, num_heads, seq, head_dim) -> (batch, seq, num_heads * head_dim)"""
     b, h, s, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+# merge_heads is split_heads' inverse (a reshape and a transpose, no arithmetic): the backward of
+# one is the other, `split_heads(dy, num_heads, head_dim)` and `merge_heads(dy)`.

@@ -7,10 +7,16 @@ register themselves under a backend name; `set_backend` picks which one runs. Mo
 changes and never knows which backend is active. A fourth op, `prepare_weight`, runs once per
 weight when a model loads: it puts the weight where, and in the form, the backend reads it; with
 it `reads_quantized` says whether the backend computes straight from a GGUF matrix's blocks
-(`minilm.io.quants.QuantizedWeight`), which then never becomes float32.
+(`minilm.io.quants.QuantizedWeight`), which then never becomes float32. A `minilm.lora.LoraWeight`
+(a frozen weight plus a low-rank update) is recognised by `linear` itself (`has_backward`), which computes
+it with three products of the active backend. For training, `linear_input_grad` is the backward
+product dx = dy W through a frozen (possibly quantized) weight; `linear_backward`,
+`attention_backward` and `moe_dispatch_backward` (NumPy, after their forwards) are the gradients
+of the three ops: upstream gradient and the forward's inputs in, input gradients out.
 
 Shapes:
     linear:        x (..., in_features), weight (out_features, in_features) -> (..., out_features)
+    linear_input_grad: dy (..., out_features), weight (out_features, in_features) -> (..., in_features)
     attention:     q (batch, num_heads, seq, head_dim), k/v (batch, num_kv_heads, kv_seq, head_dim)
     moe_dispatch:  x (tokens, hidden_size), top_k_index/top_k_weights (tokens, top_k),
                    gate_proj/up_proj (num_experts, moe_intermediate_size, hidden_size),
@@ -40,6 +46,12 @@ def linear_reference(x, weight, bias=None):
     if bias is not None:
         y = y + bias
     return y
+
+
+def linear_input_grad_reference(dy, weight):
+    """dx = dy W: the gradient of y = x W^T + b with respect to x, in float32 (the backward pass).
+    A quantized weight is dequantized (`np.asarray`)."""
+    return np.asarray(dy, dtype=np.float32) @ np.asarray(weight, dtype=np.float32)  # (..., in_features)
 
 
 def attention_reference(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False, p=None):
@@ -102,10 +114,94 @@ def moe_dispatch_reference(x, top_k_index, top_k_weights, gate_proj, up_proj, do
 
 
 # ---------------------------------------------------------------------------------------------
+# Backward of attention and expert dispatch (training; NumPy only, the products are BLAS)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_backward(dout, q, k, v, mask=None, *, scale, bias=None, soft_cap=None):
+    """Gradients of `attention_reference`'s output with respect to q, k and v. It recomputes the
+    forward keeping its intermediates, then walks back (all float32):
+
+        raw = q k^T        scaled = raw * scale      capped = soft_cap(scaled)
+        scores = capped + bias, masked               w = softmax(scores)        out = w v
+
+        dv = w^T dout                     (summed over the query heads of a key/value head: GQA)
+        dw = dout v^T
+        dscores = w * (dw - sum_k(dw * w))        (softmax; masked keys have w = 0, so get 0)
+        draw = soft_cap'(scaled) * dscores * scale
+        dq = draw k,   dk = draw^T q          (dk summed over the query heads of a group)
+
+    The bias (ALiBi) and the mask are constants. A query that sees no key attends uniformly to
+    every key (as transformers' additive mask gives); its dscores are the softmax backward at
+    those uniform weights, which is what torch's autograd computes through the finfo.min mask
+    (not the true derivative, 0: PITFALLS.md). Masks whose every query sees a key avoid that case.
+
+    dout, q: (batch, num_heads, seq, head_dim); k, v: (batch, num_kv_heads, kv_seq, head_dim)
+    -> dq like q, dk like k, dv like v
+    """
+    f32 = np.float32
+    dout, q, k, v = (np.asarray(a, dtype=f32) for a in (dout, q, k, v))
+    b, num_heads, seq, head_dim = q.shape
+    num_kv_heads, kv_seq = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    qg = q.reshape(b, num_kv_heads, groups, seq, head_dim)  # (batch, num_kv_heads, groups, seq, head_dim)
+    dg = dout.reshape(b, num_kv_heads, groups, seq, head_dim)
+    # forward again, keeping what the backward needs
+    scaled = (qg @ k[:, :, None].swapaxes(-1, -2)).reshape(b, num_heads, seq, kv_seq) * f32(scale)
+    scores = scaled if soft_cap is None else nn.soft_cap(scaled, f32(soft_cap))
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+        scores = np.where(~np.any(mask, axis=-1, keepdims=True), 0.0, scores)  # no key visible: uniform
+    w = nn.softmax(scores.astype(f32), axis=-1)  # (batch, num_heads, seq, kv_seq)
+    wg = w.reshape(b, num_kv_heads, groups, seq, kv_seq)
+    # and back
+    dv = (wg.swapaxes(-1, -2) @ dg).sum(axis=2)  # (batch, num_kv_heads, kv_seq, head_dim)
+    dw = (dg @ v[:, :, None].swapaxes(-1, -2)).reshape(b, num_heads, seq, kv_seq)  # (batch, num_heads, seq, kv_seq)
+    dscores = nn.softmax_backward(dw, w)  # (batch, num_heads, seq, kv_seq)
+    if soft_cap is not None:
+        dscores = nn.soft_cap_backward(dscores, scaled, soft_cap)
+    draw = (dscores * f32(scale)).reshape(b, num_kv_heads, groups, seq, kv_seq)
+    dq = (draw @ k[:, :, None]).reshape(b, num_heads, seq, head_dim)  # (batch, num_heads, seq, head_dim)
+    dk = (draw.swapaxes(-1, -2) @ qg).sum(axis=2)  # (batch, num_kv_heads, kv_seq, head_dim)
+    return dq, dk, dv
+
+
+def moe_dispatch_backward(dout, x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
+    """Gradients of `moe_dispatch_reference` with respect to x and to the routing weights (the
+    experts' matrices are frozen). Per expert e and the tokens t routed to it (slot j):
+
+        g = x W_gate^T,  u = x W_up^T,  a = act(g) * u,  o = a W_down^T,  out[t] += w[t, j] * o
+        dw[t, j] = <dout[t], o>                   the routing weight's gradient (to the router)
+        do = w[t, j] dout[t],  da = do W_down,  dg = act'(g) * (da * u),  du = da * act(g)
+        dx[t] += dg W_gate + du W_up
+
+    dout, x: (tokens, hidden_size); top_k_index, top_k_weights: (tokens, top_k)
+    -> dx (tokens, hidden_size), dweights (tokens, top_k), float32
+    """
+    act, act_backward = nn.activation(activation), nn.activation_backward(activation)
+    dout, x = np.asarray(dout, dtype=np.float32), np.asarray(x, dtype=np.float32)
+    dx = np.zeros_like(x)  # (tokens, hidden_size)
+    dweights = np.zeros(top_k_index.shape, np.float32)  # (tokens, top_k)
+    for e in np.unique(top_k_index):
+        token_idx, slot = np.nonzero(top_k_index == e)  # tokens routed to expert e, and which of their k slots
+        h = x[token_idx]  # (tokens_e, hidden_size)
+        g, u = linear(h, gate_proj[e]), linear(h, up_proj[e])  # (tokens_e, moe_intermediate_size) each
+        o = linear(act(g) * u, down_proj[e])  # (tokens_e, hidden_size)
+        dweights[token_idx, slot] = np.sum(dout[token_idx] * o, axis=-1)
+        do = dout[token_idx] * np.asarray(top_k_weights, np.float32)[token_idx, slot, None]  # (tokens_e, hidden_size)
+        da = linear_input_grad(do, down_proj[e])  # (tokens_e, moe_intermediate_size)
+        dg, du = act_backward(da * u, g), da * act(g)
+        np.add.at(dx, token_idx, linear_input_grad(dg, gate_proj[e]) + linear_input_grad(du, up_proj[e]))
+    return dx, dweights
+
+
+# ---------------------------------------------------------------------------------------------
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized", "fused")
+OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized", "fused", "linear_input_grad")
 
 _BACKENDS = {
     "numpy": {
@@ -115,6 +211,7 @@ _BACKENDS = {
         "prepare_weight": np.asarray,  # a QuantizedWeight is dequantized (quants.py, the reference)
         "reads_quantized": lambda weight: False,
         "fused": {},  # {name: kernel} for `fusion.fusable` functions (norms, RoPE, activations)
+        "linear_input_grad": linear_input_grad_reference,
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
@@ -204,7 +301,29 @@ fusion.set_lookup(_fused_kernel)
 
 
 def linear(x, weight, bias=None):
+    if getattr(weight, "has_backward", False):  # a LoraWeight (base product + low-rank update) or FullWeight
+        return weight.linear(x, bias)
     return _impl("linear")(x, weight, bias)
+
+
+def linear_input_grad(dy, weight):
+    """dx = dy W for a frozen weight (out_features, in_features): the backward of `linear`."""
+    return _impl("linear_input_grad")(dy, weight)
+
+
+def linear_backward(dy, x, weight, name="", grads=None):
+    """The backward of `linear(x, weight, bias)`: dx = dy W through the weight (frozen).
+
+    A LoraWeight's adapter gradients go into `grads` (a dict) as "<name>.lora_A" (groups, rank,
+    in_features) and "<name>.lora_B" (out_features // groups, rank); a `minilm.lora.FullWeight`'s
+    as "<name>.weight"; a plain or quantized weight adds nothing.
+    dy: (..., out_features), x: (..., in_features) -> dx (..., in_features) float32"""
+    if not getattr(weight, "has_backward", False):
+        return linear_input_grad(dy, weight)
+    dx, own = weight.backward(dy, x)
+    if grads is not None:
+        grads.update({f"{name}.{kind}": g for kind, g in own.items()})
+    return dx
 
 
 def attention(q, k, v, mask=None, *, scale, bias=None, soft_cap=None, return_weights=False, p=None):
@@ -250,7 +369,10 @@ def prepare_weight(array):
     pass an array the model owns (`load_state_dict` prepares its own copy of the checkpoint).
 
     A `QuantizedWeight` (a GGUF matrix kept as its blocks) comes back as it is when the backend
-    computes with its blocks (`reads_quantized`), else dequantized to float32."""
+    computes with its blocks (`reads_quantized`), else dequantized to float32. A LoraWeight: its
+    base and adapter arrays, each prepared."""
+    if getattr(array, "is_lora", False):
+        return array.with_arrays(prepare_weight)
     return _impl("prepare_weight")(array)
 
 
@@ -264,13 +386,18 @@ def reads_quantized(weight):
 def like(x, reference):
     """A small array built on the host (mask, positions, cos/sin) placed where `reference`
     lives, so that a forward pass never mixes devices. A no-op for NumPy arrays."""
+    if getattr(reference, "is_lora", False):
+        reference = reference.lora_A
     if isinstance(reference, (np.ndarray, QuantizedWeight)) or np.isscalar(reference):
         return np.asarray(x)
     return np.asarray(x, like=reference)  # NEP 35: the reference's array library creates it
 
 
 def to_host(x):
-    """A NumPy array, copied back from the GPU when needed (logits for sampling, losses)."""
+    """A NumPy array, copied back from the GPU when needed (logits for sampling, losses). A
+    LoraWeight comes back as a LoraWeight of host arrays."""
+    if getattr(x, "is_lora", False):
+        return x.with_arrays(to_host)
     if x is None or isinstance(x, (np.ndarray, QuantizedWeight)):  # blocks are on the host already
         return x
     return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)

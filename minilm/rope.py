@@ -22,7 +22,8 @@ scalar paths differ by one ulp), so the powers here are computed exactly and rou
 results agree with transformers' ROPE_INIT_FUNCTIONS to a few ulp.
 
 `rope_for_positions` gives one call's cos and sin; `apply_rope` rotates queries and keys in
-transformers' split-half layout.
+transformers' split-half layout; `apply_rope_backward`, after it, is its gradient (the backward
+pass: upstream gradient in, input gradient out, as every `*_backward` in minilm).
 """
 
 from __future__ import annotations
@@ -281,3 +282,19 @@ def apply_rope(x, cos, sin):
     if d == x.shape[-1]:
         return rotated.astype(x.dtype, copy=False)
     return np.concatenate([rotated, x[..., d:]], axis=-1).astype(x.dtype, copy=False)
+
+
+def apply_rope_backward(dy, cos, sin):
+    """Gradient of `apply_rope` with respect to x: a rotation's transpose is the rotation by the
+    opposite angle. rotate_half is linear with transpose -rotate_half, so
+
+        y = x cos + rotate_half(x) sin   ->   dx = dy cos - rotate_half(dy sin)
+
+    dy: (batch, heads, seq, head_dim); cos, sin: (batch, seq, rope_dim) -> dx like dy, float32.
+    Dimensions past rope_dim passed through, so their gradient passes through too.
+    """
+    dy = np.asarray(dy, dtype=np.float32)
+    cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, rope_dim)
+    d = cos.shape[-1]
+    dx = dy[..., :d] * cos - rotate_half(dy[..., :d] * sin)
+    return dx if d == dy.shape[-1] else np.concatenate([dx, dy[..., d:]], axis=-1)

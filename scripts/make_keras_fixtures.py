@@ -18,6 +18,8 @@ matter, with seeded random weights moved away from their init, run on a small pa
     gemma3_vision*/ (Gemma3Backbone with a Gemma3VisionEncoder) also save the images, vision_mask and
     vision_indices, keras-hub's vision features ("vision_features", the tower before pooling) and the
     encoder's output ("image_embeddings"); their weights, inputs and layouts: see VISION_CASES below
+    tests/fixtures/keras/<name>/lora_<case>.npz    after enable_lora(2, targets): trainable weights, count_params,
+    tests/fixtures/keras/<name>/lora_<case>.json   and outputs with fixed non-zero LoRA kernels (`write_lora`)
 
 Run it in the oracle's own virtual environment (never minilm's), from the repository root:
 
@@ -822,6 +824,68 @@ def write_vision(name, seed):
     return meta
 
 
+# ----------------------------------------------------------------------------------------------
+# LoRA: keras-hub's Backbone.enable_lora(rank, target_layer_names) on the same backbones
+# ----------------------------------------------------------------------------------------------
+
+LORA_RANK = 2
+LORA_CASES = {
+    # file stem in tests/fixtures/keras/<fixture>/: (fixture, target_layer_names or None for the defaults)
+    "qwen3_moe": ("qwen3_moe", None),
+    "bloom": ("bloom", None),
+    "phi3": ("phi3", None),
+    "gemma3": ("gemma3", None),
+    "gemma3_all_attention": ("gemma3", ["query", "key", "value", "attention_output"]),
+}
+
+
+def write_lora(case, seed):
+    """tests/fixtures/keras/<fixture>/lora_<case>.npz / .json: after `enable_lora(LORA_RANK, targets)`,
+    keras-hub's trainable weights (paths, shapes, in order), count_params(), the init of the LoRA kernels;
+    then with every LoRA kernel set to seeded N(0, 0.3) values (saved under its path), the hidden
+    states and logits on the fixture's batch."""
+    name, targets = LORA_CASES[case]
+    backbone, arrays, meta = build(name, seed)  # the same weights as tests/fixtures/keras/<name>/
+    count_before = int(backbone.count_params())
+    backbone.enable_lora(LORA_RANK, target_layer_names=targets)
+    trainable = [(w.path, list(w.shape)) for w in backbone.trainable_weights]
+    kernels = [w for w in backbone.trainable_weights if w.name.startswith("lora_kernel")]
+    init = {
+        "lora_kernel_b_all_zero": all(float(np.abs(t(w)).max()) == 0 for w in kernels if w.name == "lora_kernel_b"),
+        "lora_kernel_a_max_abs": {w.path: float(np.abs(t(w)).max()) for w in kernels if w.name == "lora_kernel_a"},
+        "rule": "he_uniform: U(-limit, limit), limit = sqrt(6 / fan_in), fan_in = shape[-2] * prod(shape[:-2])",
+    }
+    rng = np.random.default_rng(seed + 7)
+    out = {"token_ids": arrays["token_ids"], "padding_mask": arrays["padding_mask"]}
+    for w in kernels:
+        w.assign(rng.normal(0.0, 0.3, tuple(w.shape)).astype(np.float32))
+        out["weight:" + w.path] = t(w)
+    hidden = backbone({"token_ids": arrays["token_ids"], "padding_mask": arrays["padding_mask"]})
+    out["hidden"] = np.asarray(hidden.detach().cpu().numpy(), np.float32)
+    out["logits"] = np.asarray(backbone.token_embedding(hidden, reverse=True).detach().cpu().numpy(), np.float32)
+    folder = OUT / name
+    np.savez_compressed(folder / f"lora_{case}.npz", **out)
+    lora_meta = {
+        "fixture": name,
+        "rank": LORA_RANK,
+        "target_layer_names": targets,
+        "default_lora_layer_names": backbone.default_lora_layer_names(),
+        "count_params_before": count_before,
+        "count_params": int(backbone.count_params()),
+        "trainable_weights": trainable,
+        "num_trainable_weights": len(trainable),
+        "num_trainable_params": int(sum(np.prod(shape) for _, shape in trainable)),
+        "num_non_trainable_weights": len(backbone.non_trainable_weights),
+        "init": init,
+        "notes": "keras-hub freezes every layer, then sets each targeted layer trainable and calls "
+        "EinsumDense.enable_lora(rank): lora_alpha = rank (scaling 1), the kernel frozen, a bias trainable. "
+        "hidden / logits: with the LoRA kernels set to the saved values (weight:<path>).",
+        "versions": meta["versions"],
+    }
+    dump_json(lora_meta, folder / f"lora_{case}.json")
+    return lora_meta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated fixture names (default: all)")
@@ -844,6 +908,11 @@ def main(argv=None):
         if name in names:
             meta = write_vision(name, seed=2000 + index)
             print(f"{name:24s} count_params={meta['count_params']:6d} effects={meta['effects']}")
+    for case, (name, _) in LORA_CASES.items():
+        if name in names:
+            lora_meta = write_lora(case, seed=1000 + list(CASES).index(name))
+            counts = f"count_params={lora_meta['count_params']:6d} trainable={lora_meta['num_trainable_weights']}"
+            print(f"lora_{case:19s} {counts}")
     sizes = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{OUT.relative_to(ROOT)}: {sizes / 1024:.0f} KiB")
 

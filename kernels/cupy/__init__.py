@@ -3,7 +3,7 @@
 
     common.py     the CuPy import, moving arrays host <-> device, dtypes, `prepare_weight` (weights
                   to GPU memory once, at load), precision rules
-    linear.py     linear: one cuBLAS gemm
+    linear.py     linear: one cuBLAS gemm; linear_input_grad (dx = dy W): one cuBLAS gemm
     attention.py  attention: cuBLAS gemms around one RawKernel masked softmax
     moe.py        moe_dispatch: pairs sorted by expert, cuBLAS per chosen expert, ordered sums
     fused.py      one-launch norms, RoPE and GELU for the `@fusable` functions (minilm/fusion.py)
@@ -25,5 +25,6 @@ ops.register_backend(
         "moe_dispatch": moe.moe_dispatch,
         "prepare_weight": common.prepare_weight,
         "fused": fused.FUSED,
+        "linear_input_grad": linear.linear_input_grad,
     },
 )

@@ -37,3 +37,16 @@ def linear(x, weight, bias=None):
     if bias is not None:
         y += _to_device_f32(bias)
     return _result(y, out_dtype, as_cupy)
+
+
+def linear_input_grad(dy, weight):
+    """CuPy version of `ops.linear_input_grad_reference`: dy (..., out_features), weight
+    (out_features, in_features) -> dx (..., in_features) float32, one cuBLAS gemm."""
+    if dy.ndim < 1 or weight.ndim != 2 or dy.shape[-1] != weight.shape[0]:
+        raise InputError(
+            f"linear_input_grad: dy {dy.shape} and weight {weight.shape} do not fit: expected dy "
+            f"(..., out_features) and weight (out_features, in_features)"
+        )
+    as_cupy = _is_cupy(dy)
+    dx = _to_device_f32(dy) @ _to_device_f32(weight)  # (..., in_features)
+    return _result(dx, np.float32, as_cupy)

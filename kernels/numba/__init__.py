@@ -1,7 +1,8 @@
 """Numba CPU kernels for the ops of `minilm.ops`; importing this package registers the backend.
 
     compile.py    what every kernel shares: bf16 loads, dot products, `_launch`, precision rules
-    linear.py     linear: the decode gemv, BLAS for many rows, int8 block weights (`prepare_weight`)
+    linear.py     linear: the decode gemv, BLAS for many rows, int8 block weights (`prepare_weight`);
+                  linear_input_grad (dx = dy W, the backward pass): BLAS
     quantized.py  linear on GGUF blocks kept as they are (Q8_0, Q5_0, Q4_K, Q6_K): gemv, tiled BLAS
     attention.py  attention: the fused decode kernel (flash-decoding), BLAS + masked softmax
     moe.py        moe_dispatch: counting sort by expert, per-expert kernels or BLAS, ordered sums
@@ -27,5 +28,6 @@ ops.register_backend(
         "moe_dispatch": moe.moe_dispatch,
         "prepare_weight": linear.prepare_weight,
         "reads_quantized": quantized.reads_quantized,
+        "linear_input_grad": linear.linear_input_grad,
     },
 )

@@ -518,3 +518,21 @@ def linear_quantized(x, weight, bias=None):
         if bias is not None:
             y += b
     return y.reshape(*lead, out_features)
+
+
+def linear_input_grad_quantized(dy, weight):
+    """dx = dy W for a QuantizedWeight W of a type in KERNEL_TYPES (the backward of linear):
+    dy (..., out_features) -> (..., in_features) float32. Like prefill: BLAS on float32 tiles of
+    the weight's rows, one tile in memory at a time, dx = sum over tiles of dy[:, tile] W[tile]."""
+    out_features, in_features = weight.shape
+    lead = dy.shape[:-1]
+    dy2 = np.ascontiguousarray(dy.reshape(-1, out_features), dtype=np.float32)  # (rows, out_features)
+    kind, block_values = KERNEL_TYPES[weight.type_name], BLOCK_LAYOUT[weight.type_name][0]
+    dx = np.zeros((dy2.shape[0], in_features), np.float32)  # (rows, in_features)
+    tile_rows = min(out_features, max(TILE_VALUES // in_features, 1))
+    tile = np.empty((tile_rows, in_features), np.float32)  # (tile_rows, in_features)
+    for first in range(0, out_features, tile_rows):
+        count = min(tile_rows, out_features - first)
+        _dequantize_rows_kernel(weight.blocks, kind, block_values, first, tile[:count])
+        dx += (tile[:count].T @ dy2[:, first : first + count].T).T  # (rows, in_features)
+    return dx.reshape(*lead, in_features)

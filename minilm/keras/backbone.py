@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..io.load import class_for_config, resolve_handle
 from ..io.registry import FAMILIES, family_of_backbone
 from ..io.safetensors import read_checkpoint, write_checkpoint
 from ..modeling import PreTrainedModel
+from . import lora as keras_lora
 
 OUTPUT_PROJECTION = "lm_head.weight"  # keras-hub's reverse_embeddings, transposed: (vocab_size, hidden_size)
 
@@ -138,9 +140,34 @@ class Backbone:
 
     def count_params(self):
         """Every weight the backbone holds, as keras' count_params() counts them (the output
-        projection of untied embeddings included)."""
+        projection of untied embeddings included; after enable_lora, the LoRA kernels too)."""
         extra = self.extra_weights.num_parameters() if self.extra_weights is not None else 0
-        return self.model.num_parameters() + extra
+        total = self.model.num_parameters() + extra
+        if self._lora_variables is not None:  # minilm's A and B replaced by keras' kernels (same count but BLOOM's)
+            total -= sum(w.lora_A.size + w.lora_B.size for w in keras_lora.lora_weights(self.model).values())
+            total += sum(math.prod(v.shape) for v in self._lora_variables if v.name.startswith("lora_kernel"))
+        return total
+
+    # -- LoRA, keras-hub's way (minilm/keras/lora.py) ---------------------------------------
+
+    LORA = None  # the family's keras_lora.KerasLoraSpec
+    _lora_variables = None
+
+    def default_lora_layer_names(self):
+        """keras-hub's default LoRA targets: the query and value dense layers."""
+        return list(keras_lora.DEFAULT_LORA_LAYER_NAMES)
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """Freeze every weight and enable LoRA (rank `rank`, alpha = rank) on the layers named
+        `target_layer_names` (default: `default_lora_layer_names()`), as keras-hub does."""
+        if target_layer_names is None:
+            target_layer_names = self.default_lora_layer_names()
+        keras_lora.enable_lora(self, _keras_class(self.config).LORA, rank, target_layer_names)
+
+    @property
+    def trainable_weights(self):
+        """keras' trainable_weights (`keras_lora.Variable`s: path, shape, numpy(), assign())."""
+        return keras_lora.trainable_weights(self)
 
     def to_device(self):
         """Prepare every weight for the active backend (`PreTrainedModel.to_device`)."""

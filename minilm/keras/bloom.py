@@ -5,12 +5,21 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..models.bloom import BloomConfig, BloomModel
 from .backbone import Backbone, build_weights, check_keras_kwargs
+from .lora import KerasLoraSpec
 
 
 class BloomBackbone(Backbone):
     """keras-hub's BloomBackbone arguments on top of BloomModel. transformers' BLOOM fixes the MLP
     at 4 * hidden_size, so intermediate_dim must be 4 * hidden_dim. The embeddings are tied, as in
     keras-hub (its ReversibleEmbedding's default)."""
+
+    LORA = KerasLoraSpec(
+        "BLOOM",
+        {"query_dense": ("query_key_value", "query"), "value_dense": ("query_key_value", "value")},
+        "transformer_layer_{i}/self_attention/{name}",
+        "h.{i}.self_attention",
+        fused_qkv=True,
+    )  # keras-hub's attention layer names -> minilm's modules (enable_lora)
 
     def __init__(
         self,

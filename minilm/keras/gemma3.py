@@ -19,6 +19,7 @@ from .gemma3_vision import (
     split_vision_params,
     vision_encoder_from_config,
 )
+from .lora import KerasLoraSpec
 
 
 class Gemma3Backbone(Backbone):
@@ -59,6 +60,19 @@ class Gemma3Backbone(Backbone):
     Its weights are the encoder's, under transformers' names (`vision_tower.vision_model.*`,
     `multi_modal_projector.*`), next to the text weights in a preset's model.safetensors.
     """
+
+    LORA = KerasLoraSpec(
+        "Gemma 3",
+        {
+            "query": ("q_proj", "query"),
+            "key": ("k_proj", "kv"),
+            "value": ("v_proj", "kv"),
+            "attention_output": ("o_proj", "output"),
+        },
+        "decoder_block_{i}/attention/{name}",
+        "layers.{i}.self_attn",
+        kernel_layout="nmh",
+    )  # keras-hub's attention layer names -> minilm's modules (enable_lora)
 
     def __init__(
         self,

@@ -5,12 +5,25 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..models.phi3 import Phi3Config, Phi3Model
 from .backbone import Backbone, build_weights, check_keras_kwargs
+from .lora import KerasLoraSpec
 
 
 class Phi3Backbone(Backbone):
     """keras-hub's Phi3Backbone arguments on top of Phi3Model. rope_scaling_type None is plain
     RoPE; "su" (keras-hub's name) or "longrope" takes the short and long factors. The embeddings are
     untied, as in keras-hub: the reverse embedding is lm_head.weight."""
+
+    LORA = KerasLoraSpec(
+        "Phi-3",
+        {
+            "query": ("q_proj", "query"),
+            "key": ("k_proj", "kv"),
+            "value": ("v_proj", "kv"),
+            "attention_output": ("o_proj", "output"),
+        },
+        "transformer_layer_{i}/attention/{name}",
+        "layers.{i}.self_attn",
+    )  # keras-hub's attention layer names -> minilm's modules (enable_lora)
 
     def __init__(
         self,

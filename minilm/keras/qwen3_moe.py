@@ -6,10 +6,23 @@ from ..errors import ConfigError
 from ..models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeModel
 from ..rope import rope_type
 from .backbone import Backbone, build_weights, check_keras_kwargs
+from .lora import KerasLoraSpec
 
 
 class Qwen3MoeBackbone(Backbone):
     """keras-hub's Qwen3MoeBackbone arguments on top of Qwen3MoeModel."""
+
+    LORA = KerasLoraSpec(
+        "Qwen3-MoE",
+        {
+            "query": ("q_proj", "query"),
+            "key": ("k_proj", "kv"),
+            "value": ("v_proj", "kv"),
+            "attention_output": ("o_proj", "output"),
+        },
+        "transformer_layer_{i}/self_attention/{name}",
+        "layers.{i}.self_attn",
+    )  # keras-hub's attention layer names -> minilm's modules (enable_lora)
 
     def __init__(
         self,

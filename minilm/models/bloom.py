@@ -14,6 +14,11 @@ What BLOOM does differently from GPT-2:
 
 Axes: batch, seq, kv_seq (past + seq), hidden_size, num_heads (n_head), head_dim
 (hidden_size // n_head). The MLP is always 4 * hidden_size wide.
+
+Backward pass (training, `minilm/grad.py`): each `*_backward` follows its forward, takes the
+upstream gradient plus what the forward saw, and returns the input gradients (and the LoRA
+adapters' gradients, named like the params). A layer's backward recomputes that layer's forward
+from its saved input and walks back. The ALiBi bias and the masks are constants (no gradient).
 """
 
 from __future__ import annotations
@@ -158,11 +163,40 @@ def self_attention(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     return ops.linear(nn.merge_heads(out), p.dense.weight, p.dense.bias), weights
 
 
+def self_attention_backward(dout, x, p, cfg, alibi, mask):
+    """Gradients of `self_attention` (no cache): recompute the fused projection, then walk back
+    dense -> attention (ALiBi a constant) -> the per-head interleaved q, k, v rows -> query_key_value.
+    dout, x: (batch, seq, hidden_size) -> dx (batch, seq, hidden_size), {adapter name: gradient}"""
+    b, s, hidden = x.shape
+    h, d = cfg.n_head, cfg.head_dim
+    w = p.query_key_value.weight.reshape(3 * hidden, hidden)  # rows (num_heads, 3, head_dim) flattened
+    qkv = ops.linear(x, w, p.query_key_value.bias.reshape(3 * hidden))  # (batch, seq, 3 * hidden_size)
+    q, k, v = qkv.reshape(b, s, h, 3, d).transpose(3, 0, 2, 1, 4)  # (batch, num_heads, seq, head_dim) each
+    out, _ = ops.attention(q, k, v, mask, scale=d**-0.5, bias=alibi)  # (batch, num_heads, seq, head_dim)
+    # walk back
+    grads = {}
+    dmerged = ops.linear_backward(dout, nn.merge_heads(out), p.dense.weight, "dense", grads)  # (batch, seq, hidden)
+    dq, dk, dv = ops.attention_backward(nn.split_heads(dmerged, h, d), q, k, v, mask, scale=d**-0.5, bias=alibi)
+    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(b, s, 3 * hidden)  # back to the fused rows
+    dx = ops.linear_backward(dqkv, x, w, "query_key_value", grads)
+    return dx, grads
+
+
 def mlp(x, p):
     """dense_4h_to_h(gelu_tanh(dense_h_to_4h(x))). (..., hidden_size) -> (..., hidden_size)"""
     hidden = nn.gelu_tanh(ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias))  # (..., 4 * hidden_size)
     hidden = tap(p, "intermediate", hidden)
     return ops.linear(hidden, p.dense_4h_to_h.weight, p.dense_4h_to_h.bias)
+
+
+def mlp_backward(dout, x, p):
+    """Gradients of `mlp`: with a = dense_h_to_4h(x): da = dout W_4h_to_h, then gelu_tanh'(a),
+    then dx = (that) W_h_to_4h. dout, x: (..., hidden_size) -> dx, {adapter name: gradient}"""
+    a = ops.linear(x, p.dense_h_to_4h.weight, p.dense_h_to_4h.bias)  # (..., 4 * hidden_size)
+    grads = {}
+    dgelu = ops.linear_backward(dout, nn.gelu_tanh(a), p.dense_4h_to_h.weight, "dense_4h_to_h", grads)
+    dx = ops.linear_backward(nn.gelu_tanh_backward(dgelu, a), x, p.dense_h_to_4h.weight, "dense_h_to_4h", grads)
+    return dx, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +217,29 @@ def bloom_block(x, p, cfg, layer_idx, alibi, mask, cache, output_attentions):
     residual = normed if cfg.apply_residual_connection_post_layernorm else h
     ffn_out = tap(p.mlp, "output", mlp(normed, p.mlp))  # (batch, seq, hidden_size)
     return residual + ffn_out, weights
+
+
+def bloom_block_backward(dout, x, p, cfg, alibi, mask):
+    """Gradients of `bloom_block` (no cache): recompute the block from its input x, then back
+    through the MLP half and the attention half; a residual passes its gradient to x (or to the
+    normed x, with apply_residual_connection_post_layernorm).
+    dout, x: (batch, seq, hidden_size) -> dx, {adapter name: gradient} (names under the block)"""
+    eps, post = cfg.layer_norm_epsilon, cfg.apply_residual_connection_post_layernorm
+    ln1, ln2 = p.input_layernorm, p.post_attention_layernorm
+    normed = nn.layer_norm(x, ln1.weight, ln1.bias, eps)  # (batch, seq, hidden_size)
+    h = (normed if post else x) + self_attention(normed, p.self_attention, cfg, None, alibi, mask, None, False)[0]
+    normed2 = nn.layer_norm(h, ln2.weight, ln2.bias, eps)
+    # out = residual2 + mlp(normed2)
+    dnormed2, mlp_grads = mlp_backward(dout, normed2, p.mlp)
+    dnormed2 = dnormed2 + dout if post else dnormed2
+    dh = nn.layer_norm_backward(dnormed2, h, ln2.weight, eps)[0] + (0 if post else dout)
+    # h = residual + attention(normed)
+    dnormed, attn_grads = self_attention_backward(dh, normed, p.self_attention, cfg, alibi, mask)
+    dnormed = dnormed + dh if post else dnormed
+    dx = nn.layer_norm_backward(dnormed, x, ln1.weight, eps)[0] + (0 if post else dh)
+    grads = {f"mlp.{k}": g for k, g in mlp_grads.items()}
+    grads.update({f"self_attention.{k}": g for k, g in attn_grads.items()})
+    return dx, grads
 
 
 def bloom_model(
@@ -234,6 +291,30 @@ def bloom_model(
         hidden_states=all_hidden if output_hidden_states else None,
         attentions=all_attentions if output_attentions else None,
     )
+
+
+def bloom_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None):
+    """The backbone's backward: from dout = dL/d(last_hidden_state) back to the word embeddings.
+    hidden_states: the forward's (output_hidden_states=True, no cache): each block's input (the
+    first one after the embedding LayerNorm), then the final normed output.
+    -> {adapter name: gradient} (names under the backbone), dembeds (batch, seq, hidden_size):
+       the gradient at the word embeddings, before their LayerNorm"""
+    inputs = prepare_inputs(cfg, p.word_embeddings.weight, input_ids, None, attention_mask, position_ids, None, False)
+    keys = inputs.attention_mask
+    if keys is None:
+        keys = np.ones((inputs.batch, inputs.seq), np.int64)
+    alibi = inputs.place(alibi_bias(keys, cfg.n_head).astype(hidden_states[0].dtype))  # (batch, num_heads, 1, seq)
+    mask = inputs.mask()  # (batch or 1, 1, seq, seq)
+    eps, last = cfg.layer_norm_epsilon, len(p.h) - 1
+    x_out = bloom_block(hidden_states[last], p.h[last], cfg, last, alibi, mask, None, False)[0]
+    d = nn.layer_norm_backward(dout, x_out, p.ln_f.weight, eps)[0]  # (batch, seq, hidden_size)
+    grads = {}
+    for i in reversed(range(len(p.h))):
+        d, block_grads = bloom_block_backward(d, hidden_states[i], p.h[i], cfg, alibi, mask)
+        grads.update({f"h.{i}.{k}": g for k, g in block_grads.items()})
+    embeds = inputs.embed(p.word_embeddings.weight)  # (batch, seq, hidden_size)
+    d = nn.layer_norm_backward(d, embeds, p.word_embeddings_layernorm.weight, eps)[0]
+    return grads, d
 
 
 def bloom_shapes(cfg):
@@ -305,6 +386,7 @@ class BloomModel(BaseModel):
     embedding_name = "word_embeddings.weight"
     backbone_shapes = staticmethod(bloom_shapes)
     backbone_forward = staticmethod(bloom_model)
+    backbone_backward = staticmethod(bloom_backward)
     to_model_layout = staticmethod(view_qkv_per_head)  # checkpoint layout -> model layout, once at load
     to_checkpoint_layout = staticmethod(fuse_qkv_rows)  # and back, for save_pretrained
 

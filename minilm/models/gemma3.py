@@ -22,6 +22,11 @@ What Gemma 3 changes against a Llama-style decoder (transformers' `modular_gemma
 
 Axes: batch, seq, kv_seq (keys the layer attends to), hidden_size, num_heads
 (num_attention_heads), num_kv_heads (num_key_value_heads), head_dim, vocab_size.
+
+Backward pass (training, `minilm/grad.py`): each `*_backward` follows its forward, takes the
+upstream gradient plus what the forward saw, and returns the input gradients (and the LoRA
+adapters' gradients, named like the params). A layer's backward recomputes that layer's forward
+from its saved input and walks back: the training forward keeps only each layer's input.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..errors import ConfigError, InputError
 from ..fusion import fusable
 from ..heads import ForCausalLM
 from ..modeling import BaseModel, prepare_inputs
-from ..rope import apply_rope, compute_inv_freq, rope_cos_sin, rope_type
+from ..rope import apply_rope, apply_rope_backward, compute_inv_freq, rope_cos_sin, rope_type
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # the two values of config.layer_types
 
@@ -193,12 +198,28 @@ def gemma_rms_norm(x, weight, eps):
     return (normed * (np.float32(1) + weight.astype(np.float32, copy=False))).astype(x.dtype, copy=False)
 
 
+def gemma_rms_norm_backward(dy, x, weight, eps):
+    """Gradients of Gemma's RMSNorm: RMSNorm's with the scale 1 + w (nn.rms_norm_backward).
+    dy, x: (..., dim), weight: (dim,) -> dx (..., dim), dweight (dim,), float32"""
+    return nn.rms_norm_backward(dy, x, np.float32(1) + weight.astype(np.float32, copy=False), eps)
+
+
 def scaled_embedding(input_ids, table):
     """table[ids] * sqrt(hidden_size), with the constant rounded to the table's dtype first
     (in bfloat16, sqrt(640) = 25.298 becomes 25.25, as in transformers and keras-hub).
     input_ids: (batch, seq) -> (batch, seq, hidden_size)"""
     normalizer = table.dtype.type(np.float32(table.shape[1] ** 0.5))  # a scalar of the table's dtype
     return table[input_ids] * normalizer
+
+
+def scaled_embedding_backward(dy, input_ids, table):
+    """Gradient of `scaled_embedding` with respect to the table: each row collects the gradients
+    of the positions that looked it up, times the same normalizer.
+    dy: (batch, seq, hidden_size) -> dtable (vocab_size, hidden_size) float32"""
+    normalizer = np.float32(table.dtype.type(np.float32(table.shape[1] ** 0.5)))
+    dtable = np.zeros(table.shape, np.float32)
+    np.add.at(dtable, np.asarray(input_ids).reshape(-1), np.asarray(dy, np.float32).reshape(-1, table.shape[1]))
+    return dtable * normalizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +267,36 @@ def attention(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
 
 
+def attention_backward(dout, x, p, cfg, layer_idx, cos, sin, inputs):
+    """Gradients of `attention` (no cache): recompute it keeping q, k, v at each step, then walk
+    back o_proj -> attention -> RoPE -> QK-norm -> q/k/v projections.
+    dout, x: (batch, seq, hidden_size) -> dx (batch, seq, hidden_size), {adapter name: gradient}"""
+    h, kvh, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    q0 = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
+    k0 = nn.split_heads(ops.linear(x, p.k_proj.weight, p.k_proj.get("bias")), kvh, d)  # (batch, kvh, seq, head_dim)
+    v = nn.split_heads(ops.linear(x, p.v_proj.weight, p.v_proj.get("bias")), kvh, d)
+    q1, k1 = q0, k0
+    if cfg.use_query_key_norm:
+        q1, k1 = gemma_rms_norm(q0, p.q_norm.weight, eps), gemma_rms_norm(k0, p.k_norm.weight, eps)
+    q2, k2 = apply_rope(q1, cos, sin), apply_rope(k1, cos, sin)
+    mask = inputs.mask(cfg.layer_window(layer_idx), k2.shape[2])  # (batch or 1, 1, seq, seq)
+    scale, cap = cfg.query_pre_attn_scalar**-0.5, cfg.attention_soft_cap
+    out, _ = ops.attention(q2, k2, v, mask, scale=scale, soft_cap=cap)  # (batch, num_heads, seq, head_dim)
+    # walk back
+    grads = {}
+    dmerged = ops.linear_backward(dout, nn.merge_heads(out), p.o_proj.weight, "o_proj", grads)  # (batch, seq, h * d)
+    dq2, dk2, dv = ops.attention_backward(nn.split_heads(dmerged, h, d), q2, k2, v, mask, scale=scale, soft_cap=cap)
+    dq1, dk1 = apply_rope_backward(dq2, cos, sin), apply_rope_backward(dk2, cos, sin)
+    dq0, dk0 = dq1, dk1
+    if cfg.use_query_key_norm:
+        dq0 = gemma_rms_norm_backward(dq1, q0, p.q_norm.weight, eps)[0]
+        dk0 = gemma_rms_norm_backward(dk1, k0, p.k_norm.weight, eps)[0]
+    dx = ops.linear_backward(nn.merge_heads(dq0), x, p.q_proj.weight, "q_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dk0), x, p.k_proj.weight, "k_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dv), x, p.v_proj.weight, "v_proj", grads)
+    return dx, grads
+
+
 # ---------------------------------------------------------------------------------------------
 # Feed-forward: gated MLP with GELU (tanh approximation)
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +308,19 @@ def mlp(x, p, cfg):
     hidden = act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight)  # (..., intermediate_size)
     hidden = tap(p, "intermediate", hidden)
     return ops.linear(hidden, p.down_proj.weight)
+
+
+def mlp_backward(dout, x, p, cfg):
+    """Gradients of the gated MLP: with g = gate(x), u = up(x), a = act(g) * u, out = down(a):
+    da = dout W_down, dg = act'(g) * (da * u), du = da * act(g), dx = dg W_gate + du W_up.
+    dout, x: (..., hidden_size) -> dx (..., hidden_size), {adapter name: gradient}"""
+    act, act_backward = nn.activation(cfg.hidden_activation), nn.activation_backward(cfg.hidden_activation)
+    g, u = ops.linear(x, p.gate_proj.weight), ops.linear(x, p.up_proj.weight)  # (..., intermediate_size) each
+    grads = {}
+    da = ops.linear_backward(dout, act(g) * u, p.down_proj.weight, "down_proj", grads)  # (..., intermediate_size)
+    dx = ops.linear_backward(act_backward(da * u, g), x, p.gate_proj.weight, "gate_proj", grads)
+    dx += ops.linear_backward(da * act(g), x, p.up_proj.weight, "up_proj", grads)
+    return dx, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +342,35 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, inputs, output_attentions):
     if cfg.use_post_ffw_norm:
         ffn_out = gemma_rms_norm(ffn_out, p.post_feedforward_layernorm.weight, eps)
     return h + ffn_out, weights
+
+
+def decoder_layer_backward(dout, x, p, cfg, layer_idx, cos, sin, inputs):
+    """Gradients of `decoder_layer` (no cache): recompute the layer from its input x, keeping the
+    inputs of each norm, then back through the two sandwiches (each residual passes dout on).
+    dout, x: (batch, seq, hidden_size) -> dx, {adapter name: gradient} (names under the layer)"""
+    eps = cfg.rms_norm_eps
+    normed = gemma_rms_norm(x, p.input_layernorm.weight, eps)  # (batch, seq, hidden_size)
+    attn_out, _ = attention(normed, p.self_attn, cfg, layer_idx, cos, sin, inputs, False)
+    post_attn = attn_out
+    if cfg.use_post_attention_norm:
+        post_attn = gemma_rms_norm(attn_out, p.post_attention_layernorm.weight, eps)
+    h = x + post_attn
+    ffn_in = gemma_rms_norm(h, p.pre_feedforward_layernorm.weight, eps)
+    # h + norm(mlp(norm(h))): dh = dout + the path through the MLP
+    dffn = dout
+    if cfg.use_post_ffw_norm:
+        dffn = gemma_rms_norm_backward(dout, mlp(ffn_in, p.mlp, cfg), p.post_feedforward_layernorm.weight, eps)[0]
+    dffn_in, mlp_grads = mlp_backward(dffn, ffn_in, p.mlp, cfg)
+    dh = dout + gemma_rms_norm_backward(dffn_in, h, p.pre_feedforward_layernorm.weight, eps)[0]
+    # x + norm(attn(norm(x))): dx = dh + the path through attention
+    dattn = dh
+    if cfg.use_post_attention_norm:
+        dattn = gemma_rms_norm_backward(dh, attn_out, p.post_attention_layernorm.weight, eps)[0]
+    dnormed, attn_grads = attention_backward(dattn, normed, p.self_attn, cfg, layer_idx, cos, sin, inputs)
+    dx = dh + gemma_rms_norm_backward(dnormed, x, p.input_layernorm.weight, eps)[0]
+    grads = {f"mlp.{k}": g for k, g in mlp_grads.items()}
+    grads.update({f"self_attn.{k}": g for k, g in attn_grads.items()})
+    return dx, grads
 
 
 def make_cache(cfg):
@@ -345,6 +438,34 @@ def gemma3_model(
     )
 
 
+def gemma3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None):
+    """The backbone's backward: from dout = dL/d(last_hidden_state) back to the embeddings.
+
+    hidden_states: the forward's (output_hidden_states=True, no cache): each layer's input, then
+    the final normed output. Each layer is recomputed from its input (gradient checkpointing).
+    -> {adapter name: gradient} (names under the backbone, e.g. "layers.3.self_attn.q_proj.lora_A"),
+       dembeds (batch, seq, hidden_size): the gradient at the scaled embeddings
+    """
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, position_ids, None, False)
+    seq_len = int(np.max(inputs.position_ids)) + 1
+    rope = {
+        kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))
+        for kind in sorted(set(cfg.layer_types))
+    }  # (batch, seq, head_dim) x2 per layer type, as in the forward
+    last = len(p.layers) - 1
+    cos, sin = rope[cfg.layer_types[last]]
+    x_out, _ = decoder_layer(hidden_states[last], p.layers[last], cfg, last, cos, sin, inputs, False)  # before the norm
+    d = gemma_rms_norm_backward(dout, x_out, p.norm.weight, cfg.rms_norm_eps)[0]  # (batch, seq, hidden_size)
+    grads = {}
+    for layer_idx in reversed(range(len(p.layers))):
+        cos, sin = rope[cfg.layer_types[layer_idx]]
+        d, layer_grads = decoder_layer_backward(
+            d, hidden_states[layer_idx], p.layers[layer_idx], cfg, layer_idx, cos, sin, inputs
+        )
+        grads.update({f"layers.{layer_idx}.{k}": g for k, g in layer_grads.items()})
+    return grads, d
+
+
 def gemma3_shapes(cfg):
     """Every tensor of the backbone, named as in Hugging Face checkpoints."""
     h, d, m = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
@@ -389,6 +510,7 @@ class Gemma3TextModel(BaseModel):
     config_class = Gemma3TextConfig
     backbone_shapes = staticmethod(gemma3_shapes)
     backbone_forward = staticmethod(gemma3_model)
+    backbone_backward = staticmethod(gemma3_backward)
 
     def norm_init_value(self):
         return 0.0  # Gemma norms scale by (1 + w): zeros are the neutral weights

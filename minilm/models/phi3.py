@@ -29,6 +29,13 @@ also reads "yarn" as longrope) as transformers 5.23 runs it:
 Axes: batch, seq, kv_seq (past + seq), hidden_size, num_heads (num_attention_heads), num_kv_heads
 (num_key_value_heads), head_dim (hidden_size // num_heads), rope_dim (head_dim *
 partial_rotary_factor), intermediate_size.
+
+Backward pass (training, `minilm/grad.py`): each `*_backward` follows its forward, takes the
+upstream gradient plus what the forward saw, and returns the input gradients (and the LoRA
+adapters' gradients, named like the params). A layer's backward recomputes that layer's forward
+from its saved input and walks back. PEFT's LoRA on the fused qkv_proj (or gate_up_proj) is one
+A and one B: here, a LoraWeight on each of q_proj, k_proj, v_proj sharing that A, each with its
+rows of B; the fused adapter's gradients are the sum of the A gradients and the B rows stacked.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForSequenceClassification, ForTokenClassification
 from ..modeling import BaseModel, prepare_inputs
-from ..rope import apply_rope, check_rope_scaling, rope_for_positions, rope_type
+from ..rope import apply_rope, apply_rope_backward, check_rope_scaling, rope_for_positions, rope_type
 
 # ---------------------------------------------------------------------------------------------
 # Config (transformers' Phi3Config names and defaults)
@@ -159,12 +166,46 @@ def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     return ops.linear(nn.merge_heads(out), p.o_proj.weight), weights
 
 
+def attention_backward(dout, x, p, cfg, cos, sin, mask):
+    """Gradients of `attention` (no cache): recompute q, k, v, then walk back o_proj ->
+    attention -> RoPE (partial: the last head_dim - rope_dim dimensions pass through) -> projections.
+    dout, x: (batch, seq, hidden_size) -> dx (batch, seq, hidden_size), {adapter name: gradient}"""
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q0 = nn.split_heads(ops.linear(x, p.q_proj.weight), h, d)  # (batch, num_heads, seq, head_dim)
+    k0 = nn.split_heads(ops.linear(x, p.k_proj.weight), kvh, d)  # (batch, num_kv_heads, seq, head_dim)
+    v = nn.split_heads(ops.linear(x, p.v_proj.weight), kvh, d)
+    q1, k1 = apply_rope(q0, cos, sin), apply_rope(k0, cos, sin)
+    out, _ = ops.attention(q1, k1, v, mask, scale=d**-0.5)  # (batch, num_heads, seq, head_dim)
+    # walk back
+    grads = {}
+    dmerged = ops.linear_backward(dout, nn.merge_heads(out), p.o_proj.weight, "o_proj", grads)  # (batch, seq, h * d)
+    dq1, dk1, dv = ops.attention_backward(nn.split_heads(dmerged, h, d), q1, k1, v, mask, scale=d**-0.5)
+    dq0, dk0 = apply_rope_backward(dq1, cos, sin), apply_rope_backward(dk1, cos, sin)
+    dx = ops.linear_backward(nn.merge_heads(dq0), x, p.q_proj.weight, "q_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dk0), x, p.k_proj.weight, "k_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dv), x, p.v_proj.weight, "v_proj", grads)
+    return dx, grads
+
+
 def mlp(x, p, cfg):
     """Gated MLP (SwiGLU): down(act(gate(x)) * up(x)). (..., hidden_size) -> (..., hidden_size)"""
     act = nn.activation(cfg.hidden_act)
     hidden = act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight)  # (..., intermediate_size)
     hidden = tap(p, "intermediate", hidden)
     return ops.linear(hidden, p.down_proj.weight)
+
+
+def mlp_backward(dout, x, p, cfg):
+    """Gradients of the gated MLP: with g = gate(x), u = up(x), a = act(g) * u, out = down(a):
+    da = dout W_down, dg = act'(g) * (da * u), du = da * act(g), dx = dg W_gate + du W_up.
+    dout, x: (..., hidden_size) -> dx (..., hidden_size), {adapter name: gradient}"""
+    act, act_backward = nn.activation(cfg.hidden_act), nn.activation_backward(cfg.hidden_act)
+    g, u = ops.linear(x, p.gate_proj.weight), ops.linear(x, p.up_proj.weight)  # (..., intermediate_size) each
+    grads = {}
+    da = ops.linear_backward(dout, act(g) * u, p.down_proj.weight, "down_proj", grads)  # (..., intermediate_size)
+    dx = ops.linear_backward(act_backward(da * u, g), x, p.gate_proj.weight, "gate_proj", grads)
+    dx += ops.linear_backward(da * act(g), x, p.up_proj.weight, "up_proj", grads)
+    return dx, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +222,23 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
     ffn_out = mlp(nn.rms_norm(h, p.post_attention_layernorm.weight, cfg.rms_norm_eps), p.mlp, cfg)
     ffn_out = tap(p.mlp, "output", ffn_out)  # (batch, seq, hidden_size)
     return h + ffn_out, weights
+
+
+def decoder_layer_backward(dout, x, p, cfg, cos, sin, mask):
+    """Gradients of `decoder_layer` (no cache): recompute the layer from its input x, then back
+    through the MLP half and the attention half (each residual passes dout on).
+    dout, x: (batch, seq, hidden_size) -> dx, {adapter name: gradient} (names under the layer)"""
+    eps = cfg.rms_norm_eps
+    normed = nn.rms_norm(x, p.input_layernorm.weight, eps)  # (batch, seq, hidden_size)
+    h = x + attention(normed, p.self_attn, cfg, None, cos, sin, mask, None, False)[0]
+    mlp_in = nn.rms_norm(h, p.post_attention_layernorm.weight, eps)
+    dmlp_in, mlp_grads = mlp_backward(dout, mlp_in, p.mlp, cfg)
+    dh = dout + nn.rms_norm_backward(dmlp_in, h, p.post_attention_layernorm.weight, eps)[0]
+    dnormed, attn_grads = attention_backward(dh, normed, p.self_attn, cfg, cos, sin, mask)
+    dx = dh + nn.rms_norm_backward(dnormed, x, p.input_layernorm.weight, eps)[0]
+    grads = {f"mlp.{k}": g for k, g in mlp_grads.items()}
+    grads.update({f"self_attn.{k}": g for k, g in attn_grads.items()})
+    return dx, grads
 
 
 def phi3_model(
@@ -219,6 +277,24 @@ def phi3_model(
         hidden_states=all_hidden if output_hidden_states else None,
         attentions=all_attentions if output_attentions else None,
     )
+
+
+def phi3_backward(p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None):
+    """The backbone's backward: from dout = dL/d(last_hidden_state) back to the embeddings.
+    hidden_states: the forward's (output_hidden_states=True, no cache): each layer's input, then
+    the final normed output. Each layer is recomputed from its input.
+    -> {adapter name: gradient} (names under the backbone), dembeds (batch, seq, hidden_size)"""
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, position_ids, None, False)
+    cos, sin = map(inputs.place, rope_for_positions(cfg, inputs.position_ids))  # (batch, seq, rope_dim)
+    mask = inputs.mask(cfg.sliding_window)  # (batch or 1, 1, seq, seq)
+    last = len(p.layers) - 1
+    x_out = decoder_layer(hidden_states[last], p.layers[last], cfg, last, cos, sin, mask, None, False)[0]
+    d = nn.rms_norm_backward(dout, x_out, p.norm.weight, cfg.rms_norm_eps)[0]  # (batch, seq, hidden_size)
+    grads = {}
+    for i in reversed(range(len(p.layers))):
+        d, layer_grads = decoder_layer_backward(d, hidden_states[i], p.layers[i], cfg, cos, sin, mask)
+        grads.update({f"layers.{i}.{k}": g for k, g in layer_grads.items()})
+    return grads, d
 
 
 def phi3_shapes(cfg):
@@ -301,6 +377,7 @@ class Phi3Model(BaseModel):
     config_class = Phi3Config
     backbone_shapes = staticmethod(phi3_shapes)
     backbone_forward = staticmethod(phi3_model)
+    backbone_backward = staticmethod(phi3_backward)
     to_model_layout = staticmethod(split_fused)  # checkpoint layout -> model layout, once at load
     to_checkpoint_layout = staticmethod(fuse_projections)  # and back, for save_pretrained
 

@@ -5,6 +5,12 @@ top-k experts) -> decoder layer -> model -> heads -> load-balancing loss.
 
 Axes: batch, seq, hidden_size, num_heads (num_attention_heads), num_kv_heads
 (num_key_value_heads), head_dim, num_experts, top_k (num_experts_per_tok), tokens = batch * seq.
+
+Backward pass (training, `minilm/grad.py`): each `*_backward` follows its forward, takes the
+upstream gradient plus what the forward saw, and returns the input gradients (and the LoRA
+adapters' gradients, named like the params). A layer's backward recomputes that layer's forward
+from its saved input and walks back. The gradient reaches the router through the top-k routing
+weights (and the load-balancing loss); which experts are picked is piecewise constant.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from ..config import PretrainedConfig, check_positive
 from ..errors import CheckpointError, ConfigError
 from ..heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
 from ..modeling import BaseModel, prepare_inputs
-from ..rope import apply_rope, compute_inv_freq, rope_cos_sin
+from ..rope import apply_rope, apply_rope_backward, compute_inv_freq, rope_cos_sin
 
 # ---------------------------------------------------------------------------------------------
 # Config (transformers' Qwen3MoeConfig names and defaults)
@@ -138,6 +144,30 @@ def attention(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions):
     return ops.linear(nn.merge_heads(out), p.o_proj.weight, p.o_proj.get("bias")), weights
 
 
+def attention_backward(dout, x, p, cfg, cos, sin, mask):
+    """Gradients of `attention` (no cache): recompute it keeping q, k, v at each step, then walk
+    back o_proj -> attention -> RoPE -> QK-norm -> q/k/v projections.
+    dout, x: (batch, seq, hidden_size) -> dx (batch, seq, hidden_size), {adapter name: gradient}"""
+    h, kvh, d, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+    q0 = nn.split_heads(ops.linear(x, p.q_proj.weight, p.q_proj.get("bias")), h, d)  # (batch, num_heads, seq, head_dim)
+    k0 = nn.split_heads(ops.linear(x, p.k_proj.weight, p.k_proj.get("bias")), kvh, d)  # (batch, kvh, seq, head_dim)
+    v = nn.split_heads(ops.linear(x, p.v_proj.weight, p.v_proj.get("bias")), kvh, d)
+    q1, k1 = nn.rms_norm(q0, p.q_norm.weight, eps), nn.rms_norm(k0, p.k_norm.weight, eps)
+    q2, k2 = apply_rope(q1, cos, sin), apply_rope(k1, cos, sin)
+    out, _ = ops.attention(q2, k2, v, mask, scale=d**-0.5)  # (batch, num_heads, seq, head_dim)
+    # walk back
+    grads = {}
+    dmerged = ops.linear_backward(dout, nn.merge_heads(out), p.o_proj.weight, "o_proj", grads)  # (batch, seq, h * d)
+    dq2, dk2, dv = ops.attention_backward(nn.split_heads(dmerged, h, d), q2, k2, v, mask, scale=d**-0.5)
+    dq1, dk1 = apply_rope_backward(dq2, cos, sin), apply_rope_backward(dk2, cos, sin)
+    dq0 = nn.rms_norm_backward(dq1, q0, p.q_norm.weight, eps)[0]
+    dk0 = nn.rms_norm_backward(dk1, k0, p.k_norm.weight, eps)[0]
+    dx = ops.linear_backward(nn.merge_heads(dq0), x, p.q_proj.weight, "q_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dk0), x, p.k_proj.weight, "k_proj", grads)
+    dx += ops.linear_backward(nn.merge_heads(dv), x, p.v_proj.weight, "v_proj", grads)
+    return dx, grads
+
+
 # ---------------------------------------------------------------------------------------------
 # Feed-forward: dense gated MLP, or the sparse mixture of experts
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +179,19 @@ def mlp(x, p, cfg):
     hidden = act(ops.linear(x, p.gate_proj.weight)) * ops.linear(x, p.up_proj.weight)  # (..., intermediate_size)
     hidden = tap(p, "intermediate", hidden)
     return ops.linear(hidden, p.down_proj.weight)
+
+
+def mlp_backward(dout, x, p, cfg):
+    """Gradients of the gated MLP: with g = gate(x), u = up(x), a = act(g) * u, out = down(a):
+    da = dout W_down, dg = act'(g) * (da * u), du = da * act(g), dx = dg W_gate + du W_up.
+    dout, x: (..., hidden_size) -> dx (..., hidden_size), {adapter name: gradient}"""
+    act, act_backward = nn.activation(cfg.hidden_act), nn.activation_backward(cfg.hidden_act)
+    g, u = ops.linear(x, p.gate_proj.weight), ops.linear(x, p.up_proj.weight)  # (..., intermediate_size) each
+    grads = {}
+    da = ops.linear_backward(dout, act(g) * u, p.down_proj.weight, "down_proj", grads)  # (..., intermediate_size)
+    dx = ops.linear_backward(act_backward(da * u, g), x, p.gate_proj.weight, "gate_proj", grads)
+    dx += ops.linear_backward(da * act(g), x, p.up_proj.weight, "up_proj", grads)
+    return dx, grads
 
 
 def top_k_experts(probs, top_k):
@@ -172,6 +215,27 @@ def route(router_logits, top_k, norm_topk_prob, p=None):
     return top_k_index, top_k_weights
 
 
+def route_backward(dweights, router_logits, top_k_index, norm_topk_prob):
+    """Gradient of the routing weights with respect to the router logits (the choice of experts
+    is piecewise constant: no gradient through it). With p = softmax(logits), w = p[top_k]:
+
+        norm_topk_prob: w' = w / S, S = sum(w)   ->   dw = (dw' - sum(dw' * w')) / S
+        dp = dw scattered back to the chosen experts (0 elsewhere);   dlogits = softmax'(dp)
+
+    dweights: (tokens, top_k); router_logits: (tokens, num_experts) -> (tokens, num_experts) float32
+    """
+    probs = nn.softmax(router_logits.astype(np.float32), axis=-1)  # (tokens, num_experts)
+    weights = np.take_along_axis(probs, top_k_index, axis=-1)  # (tokens, top_k)
+    dweights = np.asarray(dweights, np.float32)
+    if norm_topk_prob:
+        total = weights.sum(axis=-1, keepdims=True)  # (tokens, 1)
+        normed = weights / total
+        dweights = (dweights - np.sum(dweights * normed, axis=-1, keepdims=True)) / total
+    dprobs = np.zeros_like(probs)
+    np.put_along_axis(dprobs, top_k_index, dweights, axis=-1)  # (tokens, num_experts)
+    return nn.softmax_backward(dprobs, probs)
+
+
 def sparse_moe_block(x, p, cfg):
     """Router + experts.
     x: (batch, seq, hidden_size) -> (batch, seq, hidden_size), router_logits (tokens, num_experts)"""
@@ -185,6 +249,29 @@ def sparse_moe_block(x, p, cfg):
     e, weights = p.experts, top_k_weights.astype(x.dtype)
     out = ops.moe_dispatch(tokens, top_k_index, weights, e.gate_proj, e.up_proj, e.down_proj, cfg.hidden_act)
     return out.reshape(b, s, hidden), router_logits  # (batch, seq, hidden_size), (tokens, num_experts)
+
+
+def sparse_moe_block_backward(dout, x, p, cfg, drouter_logits=None):
+    """Gradients of `sparse_moe_block`: back through the experts (to x and to the routing
+    weights), then the routing weights to the router logits, then the router to x.
+    drouter_logits: (tokens, num_experts), a gradient arriving at the router logits from elsewhere
+    (the load-balancing loss), or None.
+    dout, x: (batch, seq, hidden_size) -> dx (batch, seq, hidden_size), {adapter name: gradient}"""
+    b, s, hidden = x.shape
+    tokens = x.reshape(b * s, hidden)  # (tokens, hidden_size)
+    router_logits = ops.linear(tokens, p.gate.weight)  # (tokens, num_experts)
+    top_k_index, top_k_weights = route(router_logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    e = p.experts
+    dout = dout.reshape(b * s, hidden)  # (tokens, hidden_size)
+    dtokens, dweights = ops.moe_dispatch_backward(  # (tokens, hidden_size), (tokens, top_k)
+        dout, tokens, top_k_index, top_k_weights, e.gate_proj, e.up_proj, e.down_proj, cfg.hidden_act
+    )
+    dlogits = route_backward(dweights, router_logits, top_k_index, cfg.norm_topk_prob)  # (tokens, num_experts)
+    if drouter_logits is not None:
+        dlogits = dlogits + drouter_logits
+    grads = {}
+    dtokens += ops.linear_backward(dlogits, tokens, p.gate.weight, "gate", grads)
+    return dtokens.reshape(b, s, hidden), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +292,26 @@ def decoder_layer(x, p, cfg, layer_idx, cos, sin, mask, cache, output_attentions
         ffn_out, router_logits = mlp(normed, p.mlp, cfg), None
     ffn_out = tap(p.mlp, "output", ffn_out)  # (batch, seq, hidden_size)
     return h + ffn_out, weights, router_logits
+
+
+def decoder_layer_backward(dout, x, p, cfg, layer_idx, cos, sin, mask, drouter_logits=None):
+    """Gradients of `decoder_layer` (no cache): recompute the layer from its input x, then back
+    through the feed-forward half and the attention half (each residual passes dout on).
+    dout, x: (batch, seq, hidden_size) -> dx, {adapter name: gradient} (names under the layer)"""
+    eps = cfg.rms_norm_eps
+    normed = nn.rms_norm(x, p.input_layernorm.weight, eps)  # (batch, seq, hidden_size)
+    h = x + attention(normed, p.self_attn, cfg, layer_idx, cos, sin, mask, None, False)[0]
+    ffn_in = nn.rms_norm(h, p.post_attention_layernorm.weight, eps)
+    if cfg.is_sparse_layer(layer_idx):
+        dffn_in, ffn_grads = sparse_moe_block_backward(dout, ffn_in, p.mlp, cfg, drouter_logits)
+    else:
+        dffn_in, ffn_grads = mlp_backward(dout, ffn_in, p.mlp, cfg)
+    dh = dout + nn.rms_norm_backward(dffn_in, h, p.post_attention_layernorm.weight, eps)[0]
+    dnormed, attn_grads = attention_backward(dh, normed, p.self_attn, cfg, cos, sin, mask)
+    dx = dh + nn.rms_norm_backward(dnormed, x, p.input_layernorm.weight, eps)[0]
+    grads = {f"mlp.{k}": g for k, g in ffn_grads.items()}
+    grads.update({f"self_attn.{k}": g for k, g in attn_grads.items()})
+    return dx, grads
 
 
 def qwen3_moe_model(
@@ -250,6 +357,32 @@ def qwen3_moe_model(
         attentions=all_attentions if output_attentions else None,
         router_logits=all_router_logits if output_router_logits else None,
     )
+
+
+def qwen3_moe_backward(
+    p, cfg, dout, hidden_states, input_ids, attention_mask=None, position_ids=None, drouter_logits=None
+):
+    """The backbone's backward: from dout = dL/d(last_hidden_state) back to the embeddings.
+
+    hidden_states: the forward's (output_hidden_states=True, no cache): each layer's input, then
+    the final normed output. drouter_logits: one (tokens, num_experts) gradient per sparse layer
+    (the load-balancing loss's), or None. Each layer is recomputed from its input.
+    -> {adapter name: gradient} (names under the backbone), dembeds (batch, seq, hidden_size)
+    """
+    inputs = prepare_inputs(cfg, p.embed_tokens.weight, input_ids, None, attention_mask, position_ids, None, False)
+    cos, sin = map(inputs.place, rope_cos_sin(inputs.position_ids, *compute_inv_freq(cfg)))  # (batch, seq, head_dim)
+    mask = inputs.mask(cfg.window)  # (batch or 1, 1, seq, seq)
+    sparse = [i for i in range(len(p.layers)) if cfg.is_sparse_layer(i)]
+    drouter = dict(zip(sparse, drouter_logits, strict=True)) if drouter_logits is not None else {}
+    last = len(p.layers) - 1
+    x_out = decoder_layer(hidden_states[last], p.layers[last], cfg, last, cos, sin, mask, None, False)[0]
+    d = nn.rms_norm_backward(dout, x_out, p.norm.weight, cfg.rms_norm_eps)[0]  # (batch, seq, hidden_size)
+    grads = {}
+    for i in reversed(range(len(p.layers))):
+        layer = p.layers[i]
+        d, layer_grads = decoder_layer_backward(d, hidden_states[i], layer, cfg, i, cos, sin, mask, drouter.get(i))
+        grads.update({f"layers.{i}.{k}": g for k, g in layer_grads.items()})
+    return grads, d
 
 
 def qwen3_moe_shapes(cfg):
@@ -358,6 +491,7 @@ class Qwen3MoeModel(BaseModel):
     config_class = Qwen3MoeConfig
     backbone_shapes = staticmethod(qwen3_moe_shapes)
     backbone_forward = staticmethod(qwen3_moe_model)
+    backbone_backward = staticmethod(qwen3_moe_backward)
     to_model_layout = staticmethod(stack_experts)  # checkpoint layout -> model layout, once at load
     to_checkpoint_layout = staticmethod(unstack_experts)  # and back, for save_pretrained
 
@@ -387,6 +521,34 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
     tokens_per_expert = (chosen * keep[:, None]).sum(0) / keep.sum()  # (num_experts,)
     prob_per_expert = (probs * keep[:, None]).sum(0) / keep.sum()  # (num_experts,)
     return np.float32(num_experts * np.sum(tokens_per_expert * prob_per_expert))
+
+
+def load_balancing_loss_backward(router_logits, num_experts, top_k, attention_mask=None):
+    """Gradient of `load_balancing_loss` with respect to each layer's router logits. The
+    fractions of routed slots are piecewise constant, so only the mean probabilities carry it:
+
+        dL/dprobs[t, e] = num_experts * tokens_per_expert[e] * keep[t] / sum(keep),
+        then the softmax backward per token.
+
+    router_logits: tuple of (tokens, num_experts) -> list of (tokens, num_experts) float32
+    """
+    router_logits = [ops.to_host(r) for r in router_logits]
+    if attention_mask is not None:
+        attention_mask = np.asarray(attention_mask)
+        seq = router_logits[0].shape[0] // attention_mask.shape[0]
+        attention_mask = attention_mask[:, attention_mask.shape[1] - seq :]  # (batch, seq)
+    logits = np.concatenate(router_logits, axis=0).astype(np.float32)  # (layers * tokens, num_experts)
+    probs = nn.softmax(logits, axis=-1)
+    chosen = np.zeros_like(probs)
+    np.put_along_axis(chosen, top_k_experts(probs, top_k), 1.0, axis=-1)
+    if attention_mask is None:
+        keep = np.ones(probs.shape[0], np.float32)
+    else:
+        keep = np.tile(np.asarray(attention_mask, np.float32).reshape(-1), len(router_logits))  # (layers * tokens,)
+    tokens_per_expert = (chosen * keep[:, None]).sum(0) / keep.sum()  # (num_experts,)
+    dprobs = num_experts * tokens_per_expert[None, :] * keep[:, None] / keep.sum()  # (layers * tokens, num_experts)
+    dlogits = nn.softmax_backward(dprobs.astype(np.float32), probs)
+    return np.split(dlogits, len(router_logits), axis=0)
 
 
 class Qwen3MoeForCausalLM(ForCausalLM):
