@@ -208,3 +208,24 @@ def test_cupy_decode_attention(
         )  # fmt: skip
     assert weights is None and isinstance(got, cp.ndarray)
     np.testing.assert_allclose(got.get(), reference, rtol=0, atol=TOL * max(1.0, float(np.abs(reference).max())))
+
+
+@on_gpu
+@given(
+    lead=st.sampled_from([(1,), (3,), (2, 5)]),
+    out_in=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    seed=st.integers(0, 2**31),
+)
+@SETTINGS
+def test_cupy_linear_input_grad(lead, out_in, seed):
+    """The backward pass's dx = dy W on the GPU (one cuBLAS gemm) equals the NumPy reference."""
+    import cupy as cp  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal((*lead, out_in[0])).astype(np.float32)
+    w = rng.standard_normal(out_in).astype(np.float32)
+    reference = ops.linear_input_grad_reference(dy, w)
+    with ops.use_backend("cupy"):
+        got = ops.linear_input_grad(cp.asarray(dy), cp.asarray(w))
+    assert isinstance(got, cp.ndarray) and got.shape == reference.shape
+    np.testing.assert_allclose(got.get(), reference, rtol=0, atol=TOL * max(1.0, float(np.abs(reference).max())))
