@@ -29,6 +29,7 @@ import os
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -262,7 +263,7 @@ def plot(results, prefill, path, title):
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([m + width * (len(ok) - 1) / 2 for m in range(len(metrics))], [m for m, _ in metrics])
     ax.set_ylabel(f"tokens/s relative to {base_name}")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
