@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto warns in a notebook without ipywidgets
 
 from .errors import ConfigError, InputError
 from .grad import value_and_grad as lora_value_and_grad

@@ -100,7 +100,7 @@ print(
     int.from_bytes(raw[16:24], "little"),
 )
 gguf_file = gguf.read_gguf(path)
-print(gguf_file)
+print(f"{path.name}: {len(gguf_file.tensor_names)} tensors, {len(gguf_file.metadata)} metadata keys")
 for key, value in gguf_file.metadata.items():
     shown = f"[{len(value)} items] {value[:3]!r} ..." if isinstance(value, list) else repr(value)
     print(f"  {key:45} {shown[:70]}")

@@ -11,7 +11,7 @@ Rerun (from the repository root; the sdist from PyPI, e.g. `pip download --no-de
 llama-cpp-python==0.3.36`; it is unpacked into a temporary folder; torch, transformers, safetensors,
 sentencepiece and numpy from the oracle's environment):
 
-    PYTHONPATH=. /work/fxvenv/bin/python scripts/make_mmproj_fixture.py --sdist /tmp/lcp/llama_cpp_python-0.3.36.tar.gz
+    PYTHONPATH=. python scripts/make_mmproj_fixture.py --sdist llama_cpp_python-0.3.36.tar.gz
 
 It writes tests/fixtures/gemma3_mmproj/:
 
