@@ -1,7 +1,7 @@
 """Built-in chat templates, for checkpoints that store none (the shipped Gemma 3 270M GGUF has no
 `tokenizer.chat_template`).
 
-Gemma's turn format, as in Google's chat template for Gemma 3 (text only):
+Gemma's turn format: Google's chat template for Gemma 3, as released with its checkpoints:
 
     <bos><start_of_turn>user
     {system prompt}\\n\\n{first user message}<end_of_turn>
@@ -10,7 +10,9 @@ Gemma's turn format, as in Google's chat template for Gemma 3 (text only):
     <start_of_turn>model                      <- add_generation_prompt
 
 Gemma has no system role: a leading system message is prepended to the first user message.
-The "assistant" role is spelled "model". Contents are trimmed, as the original template does.
+The "assistant" role is spelled "model". Contents are trimmed, as the original template does. A
+content given as a list of parts ({"type": "text", "text": ...}, {"type": "image"}) becomes its
+texts and a <start_of_image> placeholder per image (the multimodal models' prompt layout).
 
 `chat_template_for(tokenizer)` is the one place that decides which template is used:
 an explicit one, else the checkpoint's own, else a built-in one that fits the vocabulary.
@@ -21,24 +23,44 @@ from __future__ import annotations
 from ..errors import ConfigError
 
 GEMMA_CHAT_TEMPLATE = """{{ bos_token }}
-{%- if messages and messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] | trim + '\\n\\n' -%}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
     {%- set loop_messages = messages[1:] -%}
 {%- else -%}
-    {%- set first_user_prefix = '' -%}
+    {%- set first_user_prefix = "" -%}
     {%- set loop_messages = messages -%}
 {%- endif -%}
 {%- for message in loop_messages -%}
     {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
     {%- endif -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}
-    {{- message['content'] | trim -}}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
     {{ '<end_of_turn>\\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\\n' }}
+    {{'<start_of_turn>model\\n'}}
 {%- endif -%}
 """
 
