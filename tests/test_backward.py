@@ -8,8 +8,9 @@ equal (L(x + h v) - L(x - h v)) / 2h. The inputs are float64. Forwards that comp
 in float32: this is float32's accuracy on a sum, not float64's); the MoE experts to RTOL_F32;
 forwards that round to float32 inside, as transformers does (the norms, attention's softmax, the
 cross entropy), with h = 1e-3 to RTOL_F32. The tolerance is relative to |analytic| + |finite
-difference| + 1e-3, plus what rounding alone can move the difference quotient by (8 ulp of the
-terms of L, over 2h): float32 rounding stays inside it, a wrong term does not.
+difference| + 1e-3, plus what rounding alone can move each side by: the difference quotient by
+8 ulp of the terms of L over 2h, the analytic sum by 8 float32 ulp of its terms (a sum that
+cancels keeps the rounding of its terms). Rounding stays inside it, a wrong term does not.
 
 Not checked here (tests/test_grad_parity.py does, against torch): a query that sees no key at all
 (a left-padding row) attends uniformly, and its gradient follows torch's, not the derivative.
@@ -62,8 +63,13 @@ def directional_check(forward, backward, inputs, rng, h, rtol, wrt=None):
         plus[i], minus[i] = inputs[i] + h * v, inputs[i] - h * v
         fd = np.sum(np.asarray(forward(*plus), np.float64) * w) - np.sum(np.asarray(forward(*minus), np.float64) * w)
         fd /= 2 * h
-        analytic = float(np.sum(np.asarray(g, np.float64) * v))
-        assert abs(analytic - fd) <= rtol * (abs(analytic) + abs(fd) + 1e-3) + rounding, (
+        terms = np.asarray(g, np.float64) * v
+        analytic = float(np.sum(terms))
+        # the backwards compute in float32: each term of <dL/dx, v> carries float32 rounding, which
+        # a cancelling sum does not shrink (8 ulp of the terms, as for L above)
+        backward_rounding = 8 * 2.0**-24 * float(np.sum(np.abs(terms)))
+        tolerance = rtol * (abs(analytic) + abs(fd) + 1e-3) + rounding + backward_rounding
+        assert abs(analytic - fd) <= tolerance, (
             f"input {i}: analytic {analytic:.8g}, finite difference {fd:.8g}"
         )
 
