@@ -235,6 +235,7 @@ def generate_tokens(
     sequences = input_ids.astype(np.int64)  # (batch, seq + generated so far), for the repetition penalty
     done = np.zeros(len(sequences), dtype=bool)
     cache, step_ids = past_key_values, sequences
+    decoder = None  # a backend's compiled decode step, once the prompt has filled the cache
     if cache is not None:  # continue a conversation: only the positions the cache lacks go through the model
         past = cache.get_seq_length()
         if not 0 <= past < sequences.shape[1]:
@@ -244,26 +245,31 @@ def generate_tokens(
             )
         step_ids = sequences[:, past:]  # (batch, seq - past)
     for step in range(max_new_tokens):
-        if cache is not None and model.cache_is_stale(cache, sequences.shape[1]):
+        if decoder is None and cache is not None and model.cache_is_stale(cache, sequences.shape[1]):
             cache, step_ids = None, sequences  # re-run everything (Phi-3 longrope crossing its original length)
         if cache is None or step == 0:  # positions from the mask, so left padding shifts nothing
             positions = nn.position_ids_from_attention_mask(attention_mask)[:, -step_ids.shape[1] :]  # (batch, seq)
         else:  # one new token per row, never padding: the position after the previous one
             positions = positions[:, -1:] + 1  # (batch, 1), without a cumsum over the whole mask
-        prefill = {k: v for k, v in (prefill_inputs or {}).items() if v is not None} if cache is None else {}
-        out = model(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **prefill,  # the prompt's images (Gemma 3), in the first step only
-        )
-        cache = out.past_key_values
-        if state is not None:
-            state.update(past_key_values=cache, fed=sequences.shape[1])
-        logits = ops.to_host(out.logits[:, -1])  # (batch, vocab_size)
+        if decoder is not None:  # the backend's compiled decode step: the same logits, fewer calls
+            logits = ops.to_host(decoder.step(step_ids[:, 0], int(positions[0, 0])))  # (batch, vocab_size)
+        else:
+            prefill = {k: v for k, v in (prefill_inputs or {}).items() if v is not None} if cache is None else {}
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **prefill,  # the prompt's images (Gemma 3), in the first step only
+            )
+            cache = out.past_key_values
+            if state is not None:
+                state.update(past_key_values=cache, fed=sequences.shape[1])
+            logits = ops.to_host(out.logits[:, -1])  # (batch, vocab_size)
+            if step == 0 and state is None and max_new_tokens > 1:  # a conversation keeps the readable cache
+                decoder = ops.compiled_decoder(model, cache, attention_mask, sequences.shape[1] + max_new_tokens)
         if not np.isfinite(logits).all():
             raise NumericalError(
                 f"the model produced NaN or infinite logits (dtype {logits.dtype}); a float16 model whose "

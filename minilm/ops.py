@@ -201,7 +201,16 @@ def moe_dispatch_backward(dout, x, top_k_index, top_k_weights, gate_proj, up_pro
 # Backend registry: which implementation of each op runs
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("linear", "attention", "moe_dispatch", "prepare_weight", "reads_quantized", "fused", "linear_input_grad")
+OPS = (
+    "linear",
+    "attention",
+    "moe_dispatch",
+    "prepare_weight",
+    "reads_quantized",
+    "fused",
+    "linear_input_grad",
+    "decoders",
+)
 
 _BACKENDS = {
     "numpy": {
@@ -212,6 +221,7 @@ _BACKENDS = {
         "reads_quantized": lambda weight: False,
         "fused": {},  # {name: kernel} for `fusion.fusable` functions (norms, RoPE, activations)
         "linear_input_grad": linear_input_grad_reference,
+        "decoders": {},  # {model_type: factory}: a compiled decode step (see `compiled_decoder`)
     }
 }
 # Backends in kernels/ register lazily on first use, so importing minilm never compiles anything.
@@ -351,6 +361,29 @@ def attention_tapped(q, k, v, mask, *, scale, bias, soft_cap, p, return_weights)
 
 def moe_dispatch(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation="silu"):
     return _impl("moe_dispatch")(x, top_k_index, top_k_weights, gate_proj, up_proj, down_proj, activation)
+
+
+def compiled_decoder(model, cache, attention_mask, capacity):
+    """The active backend's compiled decode step for `model`, or None: then every new token runs
+    the model's readable forward, op by op, which is the reference.
+
+    A decode step is small (one token through every layer) and runs hundreds of times, so its cost
+    is in the calls between the ops: a few hundred NumPy, Numba or CuPy calls a token. A backend
+    may register a factory per model type (`"decoders": {"gemma3_text": factory}`) that builds one
+    compiled step (Numba: one jitted function per token; CuPy: the step captured as a CUDA graph).
+    `factory(model, cache, attention_mask, capacity)` copies the KV cache that the prompt's
+    forward filled, holds its own for `capacity` positions, and returns an object with
+    `step(tokens, position) -> logits`: tokens (batch,) int64, position the int position of those
+    tokens -> (batch, vocab_size) float32, what `model(tokens[:, None], ...).logits[:, -1]` gives
+    (tests/test_decoders.py checks it against the forward). The factory returns None for what it
+    does not cover (a LoRA weight, padding, a batch, an unknown weight type).
+
+    Never while `minilm.capture` / `intervene` is active (they need the readable forward), nor with
+    $MINILM_COMPILED_DECODE=0 (to compare both paths)."""
+    if activations.hooks or os.environ.get("MINILM_COMPILED_DECODE", "1") == "0":
+        return None
+    factory = _impl("decoders").get(getattr(model.config, "model_type", None))
+    return None if factory is None else factory(model, cache, attention_mask, capacity)
 
 
 # ---------------------------------------------------------------------------------------------

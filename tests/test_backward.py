@@ -69,9 +69,7 @@ def directional_check(forward, backward, inputs, rng, h, rtol, wrt=None):
         # a cancelling sum does not shrink (8 ulp of the terms, as for L above)
         backward_rounding = 8 * 2.0**-24 * float(np.sum(np.abs(terms)))
         tolerance = rtol * (abs(analytic) + abs(fd) + 1e-3) + rounding + backward_rounding
-        assert abs(analytic - fd) <= tolerance, (
-            f"input {i}: analytic {analytic:.8g}, finite difference {fd:.8g}"
-        )
+        assert abs(analytic - fd) <= tolerance, f"input {i}: analytic {analytic:.8g}, finite difference {fd:.8g}"
 
 
 # ---------------------------------------------------------------------------------------------
