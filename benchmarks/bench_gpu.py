@@ -8,7 +8,8 @@ transformers reference); without it both engines get random weights of the 270M'
 does not depend on the values). transformers runs eager attention in float32 (TF32 off, as CuPy).
 Decode: --new-tokens greedy steps after a 6-token prompt, timed after the prompt step; prefill:
 one forward of --prefill tokens (logits of the last position only). Medians of --repeats.
---profile prints the Python functions a minilm decode step calls most (cProfile), which is where
+--engines minilm,minilm-ops,transformers adds minilm without its compiled decode step (the
+readable forward, op by op: MINILM_COMPILED_DECODE=0). --profile prints the Python functions a minilm decode step calls most (cProfile), which is where
 kernel launches come from.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import sys
 import time
@@ -154,11 +156,16 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     results = {}
-    if "minilm" in args.engines:
+    engines = args.engines.split(",")
+    if "minilm" in engines:
         results["minilm cupy"] = bench_minilm(args)
-    if "transformers" in args.engines:
+    if "minilm-ops" in engines:  # the readable forward op by op, without the compiled decode step
+        os.environ["MINILM_COMPILED_DECODE"] = "0"
+        results["minilm cupy, op by op"] = bench_minilm(args)
+        del os.environ["MINILM_COMPILED_DECODE"]
+    if "transformers" in engines:
         results["transformers eager fp32"] = bench_transformers(args)
-    if len(results) == 2:
+    if "minilm cupy" in results and "transformers eager fp32" in results:
         ours, theirs = results["minilm cupy"], results["transformers eager fp32"]
         results["ratios"] = {
             "decode": ours["decode_tok_s"] / theirs["decode_tok_s"],

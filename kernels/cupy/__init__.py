@@ -7,6 +7,7 @@
     attention.py  attention: cuBLAS gemms around one RawKernel masked softmax
     moe.py        moe_dispatch: pairs sorted by expert, cuBLAS per chosen expert, ordered sums
     fused.py      one-launch norms, RoPE and GELU for the `@fusable` functions (minilm/fusion.py)
+    decode.py     Gemma 3's decode step as eight kernels a layer, replayed as a CUDA graph
 
 Each op has the signature of its NumPy reference in `minilm/ops.py` and returns what the reference
 returns, to the tolerances stated in `tests/test_kernels.py`.
@@ -15,7 +16,7 @@ returns, to the tolerances stated in `tests/test_kernels.py`.
 from minilm import ops
 
 # the modules stay attributes of the package (not shadowed by their ops)
-from . import attention, common, fused, linear, moe
+from . import attention, common, decode, fused, linear, moe
 
 ops.register_backend(
     "cupy",
@@ -26,5 +27,6 @@ ops.register_backend(
         "prepare_weight": common.prepare_weight,
         "fused": fused.FUSED,
         "linear_input_grad": linear.linear_input_grad,
+        "decoders": decode.DECODERS,
     },
 )
