@@ -9,8 +9,8 @@ does not depend on the values). transformers runs eager attention in float32 (TF
 Decode: --new-tokens greedy steps after a 6-token prompt, timed after the prompt step; prefill:
 one forward of --prefill tokens (logits of the last position only). Medians of --repeats.
 --engines minilm,minilm-ops,transformers adds minilm without its compiled decode step (the
-readable forward, op by op: MINILM_COMPILED_DECODE=0). --profile prints the Python functions a minilm decode step calls most (cProfile), which is where
-kernel launches come from.
+readable forward, op by op: MINILM_COMPILED_DECODE=0). --profile prints the Python functions a
+minilm decode step calls most (cProfile), which is where kernel launches come from.
 """
 
 from __future__ import annotations
