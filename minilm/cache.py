@@ -26,8 +26,8 @@ def mask_for_cached_keys(attention_mask, q_idx, kv_seq, window=None, image_block
     sliding_window=3, KVCache     k: 0 1 2 3 4       SlidingWindowCache  k: 2 3 4
     q=4                              . . x x x                              x x x
     """
-    end = q_idx[-1] + 1
-    k_idx = np.arange(end - kv_seq, end)  # (kv_seq,) the keys' positions
+    end = int(q_idx[-1]) + 1
+    k_idx = np.arange(end - kv_seq, end, like=q_idx)  # (kv_seq,) the keys' positions, where q_idx lives
     padding = None if attention_mask is None else attention_mask[:, k_idx]  # (batch, kv_seq)
     return nn.attention_mask_4d(padding, q_idx, k_idx, window, image_blocks)
 

@@ -588,9 +588,11 @@ class ForwardInputs:
         (default: all past + seq). Built once per (window, kv_seq) and shared by the layers."""
         kv_seq = self.past + self.seq if kv_seq is None else kv_seq
         if (window, kv_seq) not in self._masks:
-            q_idx = np.arange(self.past, self.past + self.seq)  # the queries' columns in attention_mask
-            mask = mask_for_cached_keys(self.attention_mask, q_idx, kv_seq, window, self.image_blocks)
-            self._masks[window, kv_seq] = self.place(mask)
+            # built where the weights live (on the GPU for cupy: a prompt of 2048 tokens makes a
+            # 2048 x 2048 mask, cheaper to compute there than to build on the host and copy)
+            q_idx = self.place(np.arange(self.past, self.past + self.seq))  # the queries' columns in attention_mask
+            padding, blocks = (None if a is None else self.place(a) for a in (self.attention_mask, self.image_blocks))
+            self._masks[window, kv_seq] = mask_for_cached_keys(padding, q_idx, kv_seq, window, blocks)
         return self._masks[window, kv_seq]
 
     def output(self, x, hidden_states=None, attentions=None, router_logits=None):

@@ -238,7 +238,7 @@ def padding_mask(attention_mask):
 
     attention_mask: (batch, kv_seq) of 0/1 -> (batch, 1, 1, kv_seq) bool
     """
-    return (np.asarray(attention_mask) != 0)[:, None, None, :]
+    return (attention_mask != 0)[:, None, None, :]  # NumPy, or CuPy where the model lives on the GPU
 
 
 def attention_mask_4d(attention_mask, q_idx, k_idx, sliding_window=None, image_blocks=None):
