@@ -416,10 +416,11 @@ def gemma3_model(
     x = inputs.embed(p.embed_tokens.weight, lookup=scaled_embedding)  # (batch, seq, hidden_size)
     x = tap(p.embed_tokens, "output", x)  # the scaled embeddings
     seq_len = int(np.max(inputs.position_ids)) + 1  # what a dynamic rope type scales by, as in transformers
-    rope = {
-        kind: tuple(map(inputs.place, rope_cos_sin(inputs.position_ids, *layer_type_rope(cfg, kind, seq_len))))
-        for kind in sorted(set(cfg.layer_types))
-    }  # (batch, seq, head_dim) x2 per layer type
+    positions = inputs.place(inputs.position_ids)  # the angles are computed where the weights live
+    rope = {}
+    for kind in sorted(set(cfg.layer_types)):
+        inv_freq, scaling = layer_type_rope(cfg, kind, seq_len)
+        rope[kind] = rope_cos_sin(positions, inputs.place(inv_freq), scaling)  # (batch, seq, head_dim) x2
 
     all_hidden, all_attentions = [], []
     for layer_idx, layer in enumerate(p.layers):
