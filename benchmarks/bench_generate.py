@@ -13,7 +13,9 @@ file with 2 threads, greedy decoding:
     sdist, which builds llama.cpp with cmake). On a CPU with AMX it loads without weight repacking
     (`use_extra_bufts=False`, llama.cpp's --no-repack): the AMX matmul of llama.cpp builds of 2026
     segfaults (ggml-org/llama.cpp#20824); the table says "no AMX repack" when that applies.
-Measured: load time, prefill tokens/s for 128- and 512-token prompts (one forward pass each), decode
+Measured: load time (the engine's load call), first token (in the fresh worker process: importing
+the engine, loading, and the first greedy token of a short prompt, compilation included; the
+interpreter's own start is not counted), prefill tokens/s for 128- and 512-token prompts (one forward pass each), decode
 tokens/s over --new-tokens (128) greedy steps after a short prompt, peak RSS. The table gives
 minilm's ratios to llama.cpp and to transformers float32; OUT.json / OUT.md / OUT.png keep the run.
 Prefill and decode are timed --repeats times in the same process; the table shows the medians
@@ -63,6 +65,7 @@ def timed_decode(steps, new_tokens):
 
 
 def worker_minilm(path, backend, prefill, new_tokens, repeats):
+    start = time.perf_counter()
     import numpy as np
 
     import minilm
@@ -72,10 +75,12 @@ def worker_minilm(path, backend, prefill, new_tokens, repeats):
     t0 = time.perf_counter()
     model = minilm.from_pretrained(path)
     load_s = time.perf_counter() - t0
+    short = np.array([model.tokenizer.encode("The capital of France is")])
+    next(generate_tokens(model, short, max_new_tokens=1))
+    first_token_s = time.perf_counter() - start  # imports, load, compiled kernels from Numba's cache, the prompt
     tokens = model.tokenizer.encode(PROMPT * 40)
     for _ in generate_tokens(model, np.array([tokens[:8]]), max_new_tokens=2):  # warm up (Numba compiles here)
         pass
-    short = np.array([model.tokenizer.encode("The capital of France is")])
     prefill_s, decode_s = {n: [] for n in prefill}, []
     for _ in range(repeats):
         for n in prefill:
@@ -86,6 +91,7 @@ def worker_minilm(path, backend, prefill, new_tokens, repeats):
         decode_s.append(timed_decode(steps, new_tokens))
     return dict(
         load_s=load_s,
+        first_token_s=first_token_s,
         prefill_tps={n: n / median(t) for n, t in prefill_s.items()},
         decode_tps=new_tokens / median(decode_s),
         peak_mb=peak_rss_mb(),
@@ -94,6 +100,7 @@ def worker_minilm(path, backend, prefill, new_tokens, repeats):
 
 
 def worker_transformers(path, dtype, prefill, new_tokens, repeats):
+    start = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,6 +113,9 @@ def worker_transformers(path, dtype, prefill, new_tokens, repeats):
     load_s = time.perf_counter() - t0
     ids = tok(PROMPT * 40, return_tensors="pt").input_ids
     short = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        model(short).logits[:, -1].argmax(-1)
+    first_token_s = time.perf_counter() - start
 
     def steps():  # greedy decoding with the KV cache, one token per step, as minilm's loop
         out = model(short, use_cache=True)
@@ -127,6 +137,7 @@ def worker_transformers(path, dtype, prefill, new_tokens, repeats):
 
     return dict(
         load_s=load_s,
+        first_token_s=first_token_s,
         prefill_tps={n: n / median(t) for n, t in prefill_s.items()},
         decode_tps=new_tokens / median(decode_s),
         peak_mb=peak_rss_mb(),
@@ -143,6 +154,7 @@ def cpu_has_amx():
 
 
 def worker_llama_cpp(path, prefill, new_tokens, repeats):
+    start = time.perf_counter()
     import llama_cpp.llama_cpp as llama_capi
     from llama_cpp import Llama
 
@@ -166,6 +178,9 @@ def worker_llama_cpp(path, prefill, new_tokens, repeats):
     load_s = time.perf_counter() - t0
     tokens = llm.tokenize((PROMPT * 40).encode())
     short = llm.tokenize(b"The capital of France is")
+    next(llm.generate(short, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0))
+    first_token_s = time.perf_counter() - start
+    llm.reset()
     llm.eval(tokens[:8])  # warm up
     prefill_s, decode_s = {n: [] for n in prefill}, []
     for _ in range(repeats):
@@ -181,6 +196,7 @@ def worker_llama_cpp(path, prefill, new_tokens, repeats):
 
     return dict(
         load_s=load_s,
+        first_token_s=first_token_s,
         prefill_tps={n: n / median(t) for n, t in prefill_s.items()},
         decode_tps=new_tokens / median(decode_s),
         peak_mb=peak_rss_mb(),
@@ -222,19 +238,19 @@ def table(results, prefill):
     llama, torch32 = results.get("llama.cpp", {}), results.get("transformers float32", {})
     head = " | ".join(f"prefill {n} tok/s" for n in prefill)
     lines = [
-        f"| engine | load s | {head} | decode tok/s | peak MB | decode vs llama.cpp | "
+        f"| engine | load s | first token s | {head} | decode tok/s | peak MB | decode vs llama.cpp | "
         f"prefill {max(prefill)} vs llama.cpp | decode vs transformers fp32 |",
-        "| --- | ---: | " + "---: | " * len(prefill) + "---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | " + "---: | " * len(prefill) + "---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(prefill) + 5))
+            lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(prefill) + 6))
             continue
         label = f"{name} ({r['note']})" if r.get("note") else name
         pre = " | ".join(f"{r['prefill_tps'][str(n)]:.0f}" for n in prefill)
-        top = str(max(prefill))
+        top, first = str(max(prefill)), r.get("first_token_s", float("nan"))
         lines.append(
-            f"| {label} | {r['load_s']:.2f} | {pre} | {r['decode_tps']:.1f} | {r['peak_mb']:.0f} | "
+            f"| {label} | {r['load_s']:.2f} | {first:.2f} | {pre} | {r['decode_tps']:.1f} | {r['peak_mb']:.0f} | "
             f"{ratio(r['decode_tps'], llama.get('decode_tps'))} | "
             f"{ratio(r['prefill_tps'][top], llama.get('prefill_tps', {}).get(top))} | "
             f"{ratio(r['decode_tps'], torch32.get('decode_tps'))} |"
