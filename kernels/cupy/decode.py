@@ -302,13 +302,13 @@ class Gemma3Decoder:
             self.layers.append(
                 dict(
                     input_ln=layer.input_layernorm.weight,
-                    post_attn=layer.get("post_attention_layernorm", {}).get("weight"),
+                    post_attn=layer.post_attention_layernorm.weight if cfg.use_post_attention_norm else None,
                     pre_ffn=layer.pre_feedforward_layernorm.weight,
-                    post_ffn=layer.get("post_feedforward_layernorm", {}).get("weight"),
+                    post_ffn=layer.post_feedforward_layernorm.weight if cfg.use_post_ffw_norm else None,
                     qkv=cp.concatenate([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
                     o=a.o_proj.weight,
-                    q_norm=a.get("q_norm", {}).get("weight"),
-                    k_norm=a.get("k_norm", {}).get("weight"),
+                    q_norm=a.q_norm.weight if cfg.use_query_key_norm else None,
+                    k_norm=a.k_norm.weight if cfg.use_query_key_norm else None,
                     gate_up=cp.concatenate([m.gate_proj.weight, m.up_proj.weight]),
                     down=m.down_proj.weight,
                     k_cache=k_store,
