@@ -25,6 +25,7 @@ Gemma 3 specifics (checked against transformers' GGUF loader, `scripts/make_real
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import os
@@ -120,6 +121,10 @@ GGML_BLOCKS = {
     "MXFP4": (32, 17),
 }
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# String arrays longer than this (a vocabulary: 262 144 tokens) are decoded when first read
+# (`StringArray`): loading a model whose tokenizer is cached never needs them.
+LAZY_STRINGS = 1024
+_U64 = struct.Struct("<Q")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +148,26 @@ class GGUFFile:
     def __init__(self, path: pathlib.Path, version: int, metadata: dict, tensors: dict[str, TensorInfo], data=None):
         self.path = path  # the file (the first part of a file stored in parts)
         self.version = version
-        self.metadata = metadata
+        self.lazy_metadata = metadata  # long string arrays as `StringArray`s, not yet decoded
+        self._metadata = None  # every value decoded, on first use of `metadata`
         self._tensors = tensors
         self.tensor_names = list(tensors)
         if data is None:
             data = np.memmap(path, dtype=np.uint8, mode="r") if tensors else np.zeros(0, np.uint8)
         self._data = data  # the file's bytes: a memory map, or `PartedBytes` over the parts' maps
 
+    @property
+    def metadata(self) -> dict:
+        """Every key/value of the header as plain Python values (string arrays decoded now, once)."""
+        if self._metadata is None:
+            self._metadata = {
+                key: value.decode() if isinstance(value, StringArray) else value
+                for key, value in self.lazy_metadata.items()
+            }
+        return self._metadata
+
     def __repr__(self) -> str:
-        return f"GGUFFile({str(self.path)!r}, {len(self.tensor_names)} tensors, {len(self.metadata)} keys)"
+        return f"GGUFFile({str(self.path)!r}, {len(self.tensor_names)} tensors, {len(self.lazy_metadata)} keys)"
 
     def tensor_info(self, name: str) -> TensorInfo:
         """Shape (HF order) and ggml type of tensor `name`."""
@@ -179,6 +195,31 @@ class GGUFFile:
             return dequantize_bytes(self.raw(name), info.type_name, info.shape)
         except CheckpointError as error:
             raise CheckpointError(f"{self.path}: tensor {name!r}: {error}") from None
+
+
+class StringArray(collections.abc.Sequence):
+    """A GGUF array of strings left in the file's bytes until first read (then decoded at once):
+    its length is known from the header; `decode()` is the list of strings."""
+
+    def __init__(self, data: np.ndarray, path: pathlib.Path, start: int, count: int, key: str):
+        self._data, self._path, self._start, self._count, self._key = data, path, start, count, key
+        self._strings = None
+
+    def decode(self) -> list[str]:
+        if self._strings is None:
+            header = _Header(self._data, self._path)
+            header.pos = self._start
+            self._strings = header.strings(self._count, self._key)
+        return self._strings
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self.decode()[index]
+
+    def __repr__(self) -> str:
+        return f"StringArray({self._key!r}, {self._count} strings)"
 
 
 class PartedBytes:
@@ -341,11 +382,32 @@ class _Header:
             return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
         if item_type == STRING:  # e.g. 262 144 vocabulary entries: a tight loop, no per-item arrays
             self.check_count(count, 8, f"strings in {key!r}")
+            if count > LAZY_STRINGS:  # stepped over now, decoded when first read
+                start = self.pos
+                self.skip_strings(count, key)
+                return StringArray(self.data, self.path, start, count, key)
             return self.strings(count, key)
         if item_type == ARRAY:
             self.check_count(count, 12, f"arrays in {key!r}")
             return [self.value(ARRAY, key) for _ in range(count)]
         raise CheckpointError(f"{self.path}: metadata {key!r} is an array of unknown type {item_type}")
+
+    def skip_strings(self, count: int, key: str) -> None:
+        """Step over `count` strings (their lengths only), checking that they are in the file."""
+        view, pos, end, unpack = memoryview(self.data), self.pos, len(self.data), _U64.unpack_from
+        for index in range(count):
+            if pos + 8 > end:
+                raise CheckpointError(
+                    f"{self.path} is truncated or corrupt: metadata {key!r} declares {count} strings "
+                    f"but the file ends after {index}"
+                )
+            pos += 8 + unpack(view, pos)[0]
+        if pos > end:
+            raise CheckpointError(
+                f"{self.path} is truncated or corrupt: metadata {key!r} declares {count} strings "
+                f"but the file ends in the last one"
+            )
+        self.pos = pos
 
     def strings(self, count: int, key: str) -> list[str]:
         buffer, pos, end, out = self.data, self.pos, len(self.data), []
@@ -556,7 +618,7 @@ def gemma3_tensors_from_gguf(gguf_file: GGUFFile) -> dict[str, GGUFTensor]:
     `1 + w` itself), exactly as transformers' GGUF loader does. Raises CheckpointError naming
     any tensor that is unexpected or missing.
     """
-    config = gemma3_config_from_gguf(gguf_file.metadata, gguf_file.tensor_names)
+    config = gemma3_config_from_gguf(gguf_file.lazy_metadata, gguf_file.tensor_names)
     name_map = gemma3_tensor_name_map(config["num_hidden_layers"])
 
     unexpected = [name for name in gguf_file.tensor_names if name not in name_map]
@@ -588,16 +650,16 @@ def gemma3_state_dict_from_gguf(gguf_file: GGUFFile, progress: bool = True) -> d
 
 def config_from_gguf(gguf_file: GGUFFile) -> dict:
     """The config.json dict of the model in `gguf_file` (Hugging Face field names)."""
-    arch = gguf_architecture(gguf_file.metadata)
+    arch = gguf_architecture(gguf_file.lazy_metadata)
     if arch != "gemma3":
         raise UnknownArchitectureError(f"{gguf_file.path}: minilm reads GGUF weights of gemma3 only, not {arch!r}")
-    return gemma3_config_from_gguf(gguf_file.metadata, gguf_file.tensor_names)
+    return gemma3_config_from_gguf(gguf_file.lazy_metadata, gguf_file.tensor_names)
 
 
 def tensors_from_gguf(gguf_file: GGUFFile) -> dict[str, GGUFTensor]:
     """Every tensor of `gguf_file` under its Hugging Face name in Hugging Face layout, dequantized
     to float32 when read."""
-    arch = gguf_architecture(gguf_file.metadata)
+    arch = gguf_architecture(gguf_file.lazy_metadata)
     if arch != "gemma3":
         raise UnknownArchitectureError(f"{gguf_file.path}: minilm reads GGUF weights of gemma3 only, not {arch!r}")
     return gemma3_tensors_from_gguf(gguf_file)
