@@ -124,6 +124,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 # String arrays longer than this (a vocabulary: 262 144 tokens) are decoded when first read
 # (`StringArray`): loading a model whose tokenizer is cached never needs them.
 LAZY_STRINGS = 1024
+DEQUANTIZE_CHUNK_BYTES = 16 << 20  # `GGUFFile.dequantize` reads and converts a tensor this much at a time
 _U64 = struct.Struct("<Q")
 
 
@@ -179,7 +180,7 @@ class GGUFFile:
         """The stored bytes of tensor `name` (memory-mapped, read-only), one row of blocks per row:
         uint8 of shape (*shape[:-1], bytes per row)."""
         info = self.tensor_info(name)
-        data = self._data[info.offset : info.offset + info.n_bytes]
+        data = self.map_bytes(info.offset, info.n_bytes)
         rows = math.prod(info.shape[:-1])
         return data.reshape(*info.shape[:-1], info.n_bytes // max(rows, 1))
 
@@ -191,10 +192,56 @@ class GGUFFile:
                 f"{self.path}: tensor {name!r} has ggml type {info.type_name}, which minilm cannot "
                 f"dequantize; supported types: {sorted(DEQUANTIZE)}"
             )
+        rows = math.prod(info.shape[:-1])
+        row_bytes = info.n_bytes // max(rows, 1)
+        out = np.empty((rows, info.shape[-1]), np.float32)  # (rows, values per row)
+        step = max(1, DEQUANTIZE_CHUNK_BYTES // max(row_bytes, 1))  # rows per read
         try:
-            return dequantize_bytes(self.raw(name), info.type_name, info.shape)
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                raw = self.read_bytes(info.offset + first * row_bytes, count * row_bytes).reshape(count, row_bytes)
+                out[first : first + count] = dequantize_bytes(raw, info.type_name, (count, info.shape[-1]))
         except CheckpointError as error:
             raise CheckpointError(f"{self.path}: tensor {name!r}: {error}") from None
+        return out.reshape(info.shape)
+
+    def map_bytes(self, start: int, count: int) -> np.ndarray:
+        """Bytes start .. start + count - 1 of the file as a read-only memory map of their own (uint8),
+        or read into new memory when they cross from one part of the file to the next.
+
+        One map per tensor, not views of one map of the whole file: a page fault maps the pages
+        around it (large page-cache folios: up to megabytes), but never beyond its own map, so a
+        kernel reading one tensor does not make its neighbours resident (the Q5_0 blocks that the
+        Numba backend replaces by their int8 codes stay out of memory)."""
+        for part, part_start, part_size in self._parts():
+            if part_start <= start and start + count <= part_start + part_size:
+                if count == 0:
+                    return np.zeros(0, np.uint8)
+                return np.memmap(part, dtype=np.uint8, mode="r", offset=start - part_start, shape=(count,))
+        return self.read_bytes(start, count)
+
+    def read_bytes(self, start: int, count: int) -> np.ndarray:
+        """Bytes start .. start + count - 1 of the file, read with file I/O into new memory (uint8).
+
+        `dequantize` reads this way rather than through the memory map: a page fault on a map
+        brings the pages around it (up to megabytes of other tensors, with large page-cache
+        folios) into the process's resident memory, where they stay while the map lives, so
+        reading 109 small norm vectors through it made most of the file resident."""
+        pieces = []
+        for part, part_start, part_size in self._parts():
+            low, high = max(start, part_start), min(start + count, part_start + part_size)
+            if low < high:
+                pieces.append(np.fromfile(part, dtype=np.uint8, count=high - low, offset=low - part_start))
+        data = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.zeros(0, np.uint8)])
+        if data.size != count:
+            raise CheckpointError(f"{self.path} is truncated: {count} bytes at byte {start} could not be read")
+        return data
+
+    def _parts(self) -> list[tuple[str, int, int]]:
+        """(file, first byte, size) of each file that holds the bytes: one, or the parts."""
+        if isinstance(self._data, PartedBytes):
+            return [(m.filename, int(s), len(m)) for m, s in zip(self._data.maps, self._data.starts, strict=False)]
+        return [(str(self.path), 0, len(self._data))]
 
 
 class StringArray(collections.abc.Sequence):
