@@ -51,13 +51,14 @@ def cache_path(source: tuple[pathlib.Path, int], recipe: str, shape: tuple[int, 
     return minilm_cache_dir() / "prepared" / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.npy"
 
 
-def cached_array(source_array: np.ndarray, recipe: str, shape: tuple[int, ...], dtype, compute) -> np.ndarray:
+def cached_array(source_array, recipe: str, shape: tuple[int, ...], dtype, compute, source=None) -> np.ndarray:
     """`compute()` (an array of `shape` and `dtype` derived from `source_array`), read from the cache
     when a previous run saved it (memory-mapped, read-only), else computed and saved.
 
-    Not cached (computed every time) when `source_array` is not a view of a file, or the cache
-    cannot be written (a warning says why)."""
-    source = source_of(source_array)
+    source: (file, byte offset) the result derives from, when `source_array` does not say it
+    (default: `source_of(source_array)`). Not cached (computed every time) when neither names a
+    file, or the cache cannot be written (a warning says why)."""
+    source = source or source_of(source_array)
     if source is None:
         return compute()
     path = cache_path(source, recipe, shape, dtype)

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError
+from .array_cache import cached_array
 from .quants import BLOCK_LAYOUT, DEQUANTIZE, QuantizedWeight, dequantize_bytes
 
 # --------------------------------------------------------------------------------------------
@@ -213,12 +214,24 @@ class GGUFFile:
         around it (large page-cache folios: up to megabytes), but never beyond its own map, so a
         kernel reading one tensor does not make its neighbours resident (the Q5_0 blocks that the
         Numba backend replaces by their int8 codes stay out of memory)."""
-        for part, part_start, part_size in self._parts():
+        parts = self._parts()
+        for part, part_start, part_size in parts:
             if part_start <= start and start + count <= part_start + part_size:
                 if count == 0:
                     return np.zeros(0, np.uint8)
                 return np.memmap(part, dtype=np.uint8, mode="r", offset=start - part_start, shape=(count,))
-        return self.read_bytes(start, count)
+        # Across parts (the shipped model's embedding, 178 MB): joined once into minilm's cache
+        # (array_cache.py), then mapped from there like any other tensor.
+        first = next(p for p in parts if p[1] <= start < p[1] + p[2])
+        identities = [(part, os.stat(part).st_size, os.stat(part).st_mtime_ns) for part, _, _ in parts]
+        return cached_array(
+            None,
+            f"bytes {start}..{start + count} of the parts {identities}",
+            (count,),
+            np.uint8,
+            lambda: self.read_bytes(start, count),
+            source=(pathlib.Path(first[0]), start - first[1]),
+        )
 
     def read_bytes(self, start: int, count: int) -> np.ndarray:
         """Bytes start .. start + count - 1 of the file, read with file I/O into new memory (uint8).
