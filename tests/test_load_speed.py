@@ -270,3 +270,17 @@ def test_a_warm_start_reads_only_its_caches(tmp_path, monkeypatch):
         np.testing.assert_array_equal(warm(ids, logits_to_keep=1).logits, cold(ids, logits_to_keep=1).logits)
         q5_0 = warm.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"]
         assert q5_0.type_name == "Q5_0" and isinstance(q5_0.codes, np.memmap)  # mapped from the cache
+        checked = 0
+        for layer in warm.params["model"]["layers"]:  # what the cache gave == the reference's values
+            for weight in [*layer["self_attn"].values(), *layer["mlp"].values()]:
+                weight = weight.get("weight") if isinstance(weight, dict) else None
+                if getattr(weight, "type_name", None) in ("Q5_0", "Q8_0"):
+                    codes = (
+                        weight.codes
+                        if weight.type_name == "Q5_0"
+                        else weight.blocks.reshape(len(weight), -1, 34)[:, :, 2:].view(np.int8)
+                    )
+                    values = weight.block_scales[:, :, None] * codes.reshape(len(weight), -1, 32)
+                    np.testing.assert_array_equal(values.reshape(weight.shape), np.asarray(weight))
+                    checked += 1
+        assert checked == 18 * 5  # q, k, gate, up (Q5_0) and v (Q8_0) of every layer
