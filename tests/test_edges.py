@@ -124,7 +124,7 @@ def test_two_processes_cache_one_tokenizer_at_once(tmp_path):
         def must_not_rebuild(*args, **kwargs):
             raise AssertionError("the cache the two processes wrote should be read back")
 
-        patch.setattr(tokenizer_module, "gemma_backend_from_gguf_metadata", must_not_rebuild)
+        patch.setattr(tokenizer_module, "gemma_vocabulary_from_gguf_metadata", must_not_rebuild)
         assert tokenizer_module.Tokenizer.from_gguf(gguf).encode("ab ab  <start_of_turn>c") == first["ids"]
 
 

@@ -235,11 +235,13 @@ def test_numpy_model_dequantizes_at_load(gguf_path):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
 def test_real_model_loads_within_its_memory_budget(gguf_path, tmp_path):
     """A guard on loading the shipped 270M with the default backend, in a fresh process with a
-    plain environment (Linux: it reads /proc): its peak stays under 750 MB. It was 1.97 GB when
-    every weight had a float32 copy, and ~0.3 GB more than now when the weights were loaded before
-    the tokenizer (whose parse temporaries then added to them); measured now: 557 MB in the
-    development environment, 646 MB in a fresh install. (The goal, <= 1.5x llama.cpp's ~400 MB, is
-    measured by benchmarks/bench_generate.py.)"""
+    plain environment (Linux: it reads /proc). History: 1.97 GB when every weight had a float32
+    copy; 557 MB (646 MB in a fresh install) when every run built the 515k-merge tokenizer and
+    unpacked Q5_0 at load. Now a warm start (the second run) maps its caches (the tokenizer's
+    vocabulary, the Q5_0 codes and block scales) and touches no weight: measured 160 MB; bound
+    250 MB (a margin of 90 MB, the gap once seen between the development venv and a fresh
+    install). The first run does the cold work and keeps the old bound. (The goal for a whole
+    generation, <= 1.5x llama.cpp's ~400 MB, is measured by benchmarks/bench_generate.py.)"""
     import subprocess
     import sys
 
@@ -252,18 +254,22 @@ def test_real_model_loads_within_its_memory_budget(gguf_path, tmp_path):
     )
     env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
     env["MINILM_CACHE"] = str(tmp_path / "cache")  # a first run fills it; the second is the warm start
+    peaks = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
-    peak_mb = int(done.stdout.split()[-1])
-    assert peak_mb < 750, f"loading peaked at {peak_mb} MB"
+        peaks.append(int(done.stdout.split()[-1]))
+    cold_mb, warm_mb = peaks
+    assert cold_mb < 750, f"loading with empty caches peaked at {cold_mb} MB"
+    assert warm_mb < 250, f"loading peaked at {warm_mb} MB"
 
 
 @pytest.mark.parametrize("in_a_file", [True, False])
-def test_repacked_q5_0_gives_its_file_pages_back_and_keeps_its_values(tmp_path, in_a_file):
+def test_repacked_q5_0_gives_its_file_pages_back_and_keeps_its_values(tmp_path, in_a_file, monkeypatch):
     """Q5_0 is repacked to int8 codes at load and its memory-mapped blocks are dropped from resident
     memory (madvise): the values must survive that, read back from the file, and blocks that are
     not a file's (memory of their own, where dropping would lose them) must be left alone."""
+    monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "cache"))  # the codes of a file's blocks are cached there
     weight = random_weight("Q5_0", 300, 2 * 4096 // 32 * 32 // 8, seed=3)  # rows over several pages
     expected = np.asarray(weight)
     if in_a_file:

@@ -326,23 +326,3 @@ def test_fuzzed_vocabulary_metadata(data):
         FUZZ_TALLY["vocabulary"]["read"] += 1
     except MinilmError as error:
         FUZZ_TALLY["vocabulary"][type(error).__name__] += 1
-
-
-def test_compact_merges_give_the_same_tokenizer():
-    """The cache writes merges as "left right" strings (faster to parse): the same ids, and pairs
-    are kept when a piece holds a space, which that spelling cannot carry."""
-    import tokenizers
-
-    from minilm.io.tokenizer import compact_merges
-
-    vocab = {"a": 0, "b": 1, "ab": 2, "abb": 3, "c": 4, "bc": 5, "abc": 6}
-    merges = [("a", "b"), ("ab", "b"), ("b", "c"), ("ab", "c")]
-    original = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
-    compact = compact_merges(original.to_str())
-    assert all(isinstance(m, str) for m in json.loads(compact)["model"]["merges"])
-    rebuilt = tokenizers.Tokenizer.from_str(compact)
-    for text in ["abbc", "abc", "cab", "bcabbab"]:
-        assert rebuilt.encode(text).ids == original.encode(text).ids, text
-
-    spaced = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, " ": 1, "a ": 2}, [("a", " ")]))
-    assert compact_merges(spaced.to_str()) == spaced.to_str()

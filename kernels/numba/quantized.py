@@ -32,6 +32,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
+from minilm.io.array_cache import cached_array
 from minilm.io.quants import BLOCK_LAYOUT, QuantizedWeight
 
 from .compile import _SUM_IN_ANY_ORDER, _prefetch
@@ -389,8 +390,14 @@ def block_scales(weight):
     if getattr(weight, "block_scales", None) is None:
         bytes_per_block = BLOCK_LAYOUT[weight.type_name][1]
         n_blocks = weight.blocks.shape[1] // bytes_per_block
-        grouped = weight.blocks.reshape(weight.shape[0], n_blocks, bytes_per_block)
-        weight.block_scales = np.ascontiguousarray(grouped[:, :, :2]).view(np.float16)[..., 0].astype(np.float32)
+
+        def read_scales():
+            grouped = weight.blocks.reshape(weight.shape[0], n_blocks, bytes_per_block)
+            return np.ascontiguousarray(grouped[:, :, :2]).view(np.float16)[..., 0].astype(np.float32)
+
+        # cached next to the model: a warm start maps them and never touches the blocks here
+        recipe, shape = f"{weight.type_name} block scales 1", (weight.shape[0], n_blocks)
+        weight.block_scales = cached_array(weight.blocks, recipe, shape, np.float32, read_scales)
     return weight.block_scales
 
 
@@ -448,11 +455,17 @@ def repacked_codes(weight):
     if weight.type_name != "Q5_0":
         return None
     if getattr(weight, "codes", None) is None:
-        codes = np.empty(weight.shape, np.int8)  # (out_features, in_features)
-        _unpack_q5_0_kernel(weight.blocks, codes)
+
+        def unpack():
+            codes = np.empty(weight.shape, np.int8)  # (out_features, in_features)
+            _unpack_q5_0_kernel(weight.blocks, codes)
+            _release_file_pages(weight.blocks)  # decode reads the codes now, never these blocks
+            return codes
+
+        # cached next to the model (memory-mapped on a warm start): no unpacking, no numba call at load
+        codes = cached_array(weight.blocks, "Q5_0 int8 codes 1", weight.shape, np.int8, unpack)
         codes.flags.writeable = False
         weight.codes = codes
-        _release_file_pages(weight.blocks)  # decode reads the codes now, never these blocks
     return weight.codes
 
 

@@ -25,6 +25,7 @@ Gemma 3 specifics (checked against transformers' GGUF loader, `scripts/make_real
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import os
@@ -35,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnknownArchitectureError
+from .array_cache import cached_array
 from .quants import BLOCK_LAYOUT, DEQUANTIZE, QuantizedWeight, dequantize_bytes
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +122,11 @@ GGML_BLOCKS = {
     "MXFP4": (32, 17),
 }
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# String arrays longer than this (a vocabulary: 262 144 tokens) are decoded when first read
+# (`StringArray`): loading a model whose tokenizer is cached never needs them.
+LAZY_STRINGS = 1024
+DEQUANTIZE_CHUNK_BYTES = 16 << 20  # `GGUFFile.dequantize` reads and converts a tensor this much at a time
+_U64 = struct.Struct("<Q")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +150,26 @@ class GGUFFile:
     def __init__(self, path: pathlib.Path, version: int, metadata: dict, tensors: dict[str, TensorInfo], data=None):
         self.path = path  # the file (the first part of a file stored in parts)
         self.version = version
-        self.metadata = metadata
+        self.lazy_metadata = metadata  # long string arrays as `StringArray`s, not yet decoded
+        self._metadata = None  # every value decoded, on first use of `metadata`
         self._tensors = tensors
         self.tensor_names = list(tensors)
         if data is None:
             data = np.memmap(path, dtype=np.uint8, mode="r") if tensors else np.zeros(0, np.uint8)
         self._data = data  # the file's bytes: a memory map, or `PartedBytes` over the parts' maps
 
+    @property
+    def metadata(self) -> dict:
+        """Every key/value of the header as plain Python values (string arrays decoded now, once)."""
+        if self._metadata is None:
+            self._metadata = {
+                key: value.decode() if isinstance(value, StringArray) else value
+                for key, value in self.lazy_metadata.items()
+            }
+        return self._metadata
+
     def __repr__(self) -> str:
-        return f"GGUFFile({str(self.path)!r}, {len(self.tensor_names)} tensors, {len(self.metadata)} keys)"
+        return f"GGUFFile({str(self.path)!r}, {len(self.tensor_names)} tensors, {len(self.lazy_metadata)} keys)"
 
     def tensor_info(self, name: str) -> TensorInfo:
         """Shape (HF order) and ggml type of tensor `name`."""
@@ -163,7 +181,7 @@ class GGUFFile:
         """The stored bytes of tensor `name` (memory-mapped, read-only), one row of blocks per row:
         uint8 of shape (*shape[:-1], bytes per row)."""
         info = self.tensor_info(name)
-        data = self._data[info.offset : info.offset + info.n_bytes]
+        data = self.map_bytes(info.offset, info.n_bytes)
         rows = math.prod(info.shape[:-1])
         return data.reshape(*info.shape[:-1], info.n_bytes // max(rows, 1))
 
@@ -175,10 +193,93 @@ class GGUFFile:
                 f"{self.path}: tensor {name!r} has ggml type {info.type_name}, which minilm cannot "
                 f"dequantize; supported types: {sorted(DEQUANTIZE)}"
             )
+        rows = math.prod(info.shape[:-1])
+        row_bytes = info.n_bytes // max(rows, 1)
+        out = np.empty((rows, info.shape[-1]), np.float32)  # (rows, values per row)
+        step = max(1, DEQUANTIZE_CHUNK_BYTES // max(row_bytes, 1))  # rows per read
         try:
-            return dequantize_bytes(self.raw(name), info.type_name, info.shape)
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                raw = self.read_bytes(info.offset + first * row_bytes, count * row_bytes).reshape(count, row_bytes)
+                out[first : first + count] = dequantize_bytes(raw, info.type_name, (count, info.shape[-1]))
         except CheckpointError as error:
             raise CheckpointError(f"{self.path}: tensor {name!r}: {error}") from None
+        return out.reshape(info.shape)
+
+    def map_bytes(self, start: int, count: int) -> np.ndarray:
+        """Bytes start .. start + count - 1 of the file as a read-only memory map of their own (uint8),
+        or read into new memory when they cross from one part of the file to the next.
+
+        One map per tensor, not views of one map of the whole file: a page fault maps the pages
+        around it (large page-cache folios: up to megabytes), but never beyond its own map, so a
+        kernel reading one tensor does not make its neighbours resident (the Q5_0 blocks that the
+        Numba backend replaces by their int8 codes stay out of memory)."""
+        parts = self._parts()
+        for part, part_start, part_size in parts:
+            if part_start <= start and start + count <= part_start + part_size:
+                if count == 0:
+                    return np.zeros(0, np.uint8)
+                return np.memmap(part, dtype=np.uint8, mode="r", offset=start - part_start, shape=(count,))
+        # Across parts (the shipped model's embedding, 178 MB): joined once into minilm's cache
+        # (array_cache.py), then mapped from there like any other tensor.
+        first = next(p for p in parts if p[1] <= start < p[1] + p[2])
+        identities = [(part, os.stat(part).st_size, os.stat(part).st_mtime_ns) for part, _, _ in parts]
+        return cached_array(
+            None,
+            f"bytes {start}..{start + count} of the parts {identities}",
+            (count,),
+            np.uint8,
+            lambda: self.read_bytes(start, count),
+            source=(pathlib.Path(first[0]), start - first[1]),
+        )
+
+    def read_bytes(self, start: int, count: int) -> np.ndarray:
+        """Bytes start .. start + count - 1 of the file, read with file I/O into new memory (uint8).
+
+        `dequantize` reads this way rather than through the memory map: a page fault on a map
+        brings the pages around it (up to megabytes of other tensors, with large page-cache
+        folios) into the process's resident memory, where they stay while the map lives, so
+        reading 109 small norm vectors through it made most of the file resident."""
+        pieces = []
+        for part, part_start, part_size in self._parts():
+            low, high = max(start, part_start), min(start + count, part_start + part_size)
+            if low < high:
+                pieces.append(np.fromfile(part, dtype=np.uint8, count=high - low, offset=low - part_start))
+        data = pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.zeros(0, np.uint8)])
+        if data.size != count:
+            raise CheckpointError(f"{self.path} is truncated: {count} bytes at byte {start} could not be read")
+        return data
+
+    def _parts(self) -> list[tuple[str, int, int]]:
+        """(file, first byte, size) of each file that holds the bytes: one, or the parts."""
+        if isinstance(self._data, PartedBytes):
+            return [(m.filename, int(s), len(m)) for m, s in zip(self._data.maps, self._data.starts, strict=False)]
+        return [(str(self.path), 0, len(self._data))]
+
+
+class StringArray(collections.abc.Sequence):
+    """A GGUF array of strings left in the file's bytes until first read (then decoded at once):
+    its length is known from the header; `decode()` is the list of strings."""
+
+    def __init__(self, data: np.ndarray, path: pathlib.Path, start: int, count: int, key: str):
+        self._data, self._path, self._start, self._count, self._key = data, path, start, count, key
+        self._strings = None
+
+    def decode(self) -> list[str]:
+        if self._strings is None:
+            header = _Header(self._data, self._path)
+            header.pos = self._start
+            self._strings = header.strings(self._count, self._key)
+        return self._strings
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self.decode()[index]
+
+    def __repr__(self) -> str:
+        return f"StringArray({self._key!r}, {self._count} strings)"
 
 
 class PartedBytes:
@@ -341,11 +442,32 @@ class _Header:
             return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
         if item_type == STRING:  # e.g. 262 144 vocabulary entries: a tight loop, no per-item arrays
             self.check_count(count, 8, f"strings in {key!r}")
+            if count > LAZY_STRINGS:  # stepped over now, decoded when first read
+                start = self.pos
+                self.skip_strings(count, key)
+                return StringArray(self.data, self.path, start, count, key)
             return self.strings(count, key)
         if item_type == ARRAY:
             self.check_count(count, 12, f"arrays in {key!r}")
             return [self.value(ARRAY, key) for _ in range(count)]
         raise CheckpointError(f"{self.path}: metadata {key!r} is an array of unknown type {item_type}")
+
+    def skip_strings(self, count: int, key: str) -> None:
+        """Step over `count` strings (their lengths only), checking that they are in the file."""
+        view, pos, end, unpack = memoryview(self.data), self.pos, len(self.data), _U64.unpack_from
+        for index in range(count):
+            if pos + 8 > end:
+                raise CheckpointError(
+                    f"{self.path} is truncated or corrupt: metadata {key!r} declares {count} strings "
+                    f"but the file ends after {index}"
+                )
+            pos += 8 + unpack(view, pos)[0]
+        if pos > end:
+            raise CheckpointError(
+                f"{self.path} is truncated or corrupt: metadata {key!r} declares {count} strings "
+                f"but the file ends in the last one"
+            )
+        self.pos = pos
 
     def strings(self, count: int, key: str) -> list[str]:
         buffer, pos, end, out = self.data, self.pos, len(self.data), []
@@ -556,7 +678,7 @@ def gemma3_tensors_from_gguf(gguf_file: GGUFFile) -> dict[str, GGUFTensor]:
     `1 + w` itself), exactly as transformers' GGUF loader does. Raises CheckpointError naming
     any tensor that is unexpected or missing.
     """
-    config = gemma3_config_from_gguf(gguf_file.metadata, gguf_file.tensor_names)
+    config = gemma3_config_from_gguf(gguf_file.lazy_metadata, gguf_file.tensor_names)
     name_map = gemma3_tensor_name_map(config["num_hidden_layers"])
 
     unexpected = [name for name in gguf_file.tensor_names if name not in name_map]
@@ -588,16 +710,16 @@ def gemma3_state_dict_from_gguf(gguf_file: GGUFFile, progress: bool = True) -> d
 
 def config_from_gguf(gguf_file: GGUFFile) -> dict:
     """The config.json dict of the model in `gguf_file` (Hugging Face field names)."""
-    arch = gguf_architecture(gguf_file.metadata)
+    arch = gguf_architecture(gguf_file.lazy_metadata)
     if arch != "gemma3":
         raise UnknownArchitectureError(f"{gguf_file.path}: minilm reads GGUF weights of gemma3 only, not {arch!r}")
-    return gemma3_config_from_gguf(gguf_file.metadata, gguf_file.tensor_names)
+    return gemma3_config_from_gguf(gguf_file.lazy_metadata, gguf_file.tensor_names)
 
 
 def tensors_from_gguf(gguf_file: GGUFFile) -> dict[str, GGUFTensor]:
     """Every tensor of `gguf_file` under its Hugging Face name in Hugging Face layout, dequantized
     to float32 when read."""
-    arch = gguf_architecture(gguf_file.metadata)
+    arch = gguf_architecture(gguf_file.lazy_metadata)
     if arch != "gemma3":
         raise UnknownArchitectureError(f"{gguf_file.path}: minilm reads GGUF weights of gemma3 only, not {arch!r}")
     return gemma3_tensors_from_gguf(gguf_file)

@@ -93,7 +93,7 @@ def model_from_gguf(path, dtype="float32", *, tokenizer=True, mmproj=None):
     UnknownArchitectureError when `general.architecture` is not one minilm reads from GGUF.
     """
     gguf_file = read_gguf(path if isinstance(path, (list, tuple)) else Path(path))
-    architecture = gguf_architecture(gguf_file.metadata)
+    architecture = gguf_architecture(gguf_file.lazy_metadata)  # the vocabulary's strings stay unread
     family = family_of_gguf(architecture)
     if family is None:
         readable = sorted(a for f in FAMILIES.values() for a in f.gguf_architectures)

@@ -24,9 +24,13 @@ and no merges. This module rebuilds from it the same tokenizer transformers buil
      *special* (dropped by `decode(skip_special_tokens=True)`), user-defined ones as plain.
   5. BOS: `encode(text)` prepends `<bos>` when the file says `add_bos_token` (Gemma: yes).
 
-Building takes a few seconds (the merge list has ~515k entries), so the built tokenizer is cached
-as JSON under `$MINILM_CACHE/tokenizers/` (default `~/.cache/minilm`), keyed by a hash of the GGUF
-file's identity (resolved path, size, modification time) and written atomically.
+The `tokenizers.Tokenizer` of the whole vocabulary takes over a second and ~250 MB to build (the
+merge list has ~515k entries), on every run. A GGUF's tokenizer is therefore kept as its vocabulary
+(`GemmaVocabulary`), and each text is encoded by the small BPE of the tokens that occur in it, which
+gives the same ids (the argument is in the class). Reading the vocabulary from the GGUF costs
+~0.5 s, so it is cached as JSON under `$MINILM_CACHE/tokenizers/` (default `~/.cache/minilm`), keyed
+by a hash of the GGUF file's identity (resolved path, size, modification time) and written
+atomically; a warm start reads that file and never decodes the GGUF's vocabulary strings.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from .gguf import GGUFFile, read_gguf
 from .registry import GEMMA_TOKENIZER_ARCHITECTURES
 
 # The layout of a cache file; the recipe itself is covered by _BUILDER_DIGEST.
-CACHE_FORMAT_VERSION = 2  # 2: merges as "left right" strings (compact_merges)
+CACHE_FORMAT_VERSION = 3  # 3: the vocabulary (GemmaVocabulary), no merges
 # The code that builds a tokenizer: this file and the tokenizers library it drives.
 _BUILDER_DIGEST = hashlib.sha256(pathlib.Path(__file__).read_bytes() + tokenizers.__version__.encode()).hexdigest()
 
@@ -90,33 +94,38 @@ def gemma_backend(tokens: list[str], token_types: list[int], unk_token: str) -> 
     vocab = {token: index for index, token in enumerate(spelled)}
     if len(vocab) != len(spelled):
         raise CheckpointError("the GGUF vocabulary has duplicate tokens")
-    bpe = models.BPE(
-        vocab=vocab,
-        merges=merges_from_vocab(spelled),
-        unk_token=unk_token,
-        fuse_unk=True,
-        byte_fallback=True,
-        dropout=None,
-    )
+    control, user_defined = gguf_added_tokens(tokens, token_types, vocab)
+    return backend_from_parts(vocab, merges_from_vocab(spelled), unk_token, control, user_defined)
+
+
+def backend_from_parts(
+    vocab: dict, merges: list, unk_token: str, control: list[str], user_defined: list[str]
+) -> tokenizers.Tokenizer:
+    """BPE with byte fallback over `vocab` and `merges`, " " -> "▁", and the added tokens."""
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True, dropout=None)
     backend = tokenizers.Tokenizer(bpe)
     backend.normalizer = normalizers.Replace(" ", "\u2581")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    add_gguf_added_tokens(backend, tokens, token_types, vocab)
+    backend.decoder = gemma_decoder()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in user_defined])
     return backend
 
 
-def add_gguf_added_tokens(
-    backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int], vocab: dict
-) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens: both are
-    matched whole in the raw text. A user-defined token whose stored spelling is not in `vocab`
-    (the runs of spaces, respelled "▁▁...") is left to the merges, as in transformers."""
+def gemma_decoder():
+    """ids -> text: "▁" -> " ", byte tokens -> bytes, joined."""
+    return decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+
+
+def gguf_added_tokens(tokens: list[str], token_types: list[int], vocab: dict) -> tuple[list[str], list[str]]:
+    """(control, user-defined) added tokens: control tokens become special added tokens, user-defined
+    ones plain added tokens: both are matched whole in the raw text. A user-defined token whose
+    stored spelling is not in `vocab` (the runs of spaces, respelled "▁▁...") is left to the merges,
+    as in transformers."""
     control = [token for token, kind in zip(tokens, token_types, strict=True) if kind == TOKEN_CONTROL]
     user_defined = [
         token for token, kind in zip(tokens, token_types, strict=True) if kind == TOKEN_USER_DEFINED and token in vocab
     ]
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
-    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in user_defined])
+    return control, user_defined
 
 
 def _token_string(tokens: list[str], meta: dict, key: str) -> str | None:
@@ -164,6 +173,23 @@ def settings_from_gguf_metadata(meta: dict) -> dict:
 
 def gemma_backend_from_gguf_metadata(meta: dict) -> tokenizers.Tokenizer:
     """Check the metadata describes a Gemma SentencePiece tokenizer, and build it."""
+    tokens, token_types, unk_token = _checked_vocabulary(meta)
+    return gemma_backend(tokens, token_types, unk_token)
+
+
+def gemma_vocabulary_from_gguf_metadata(meta: dict) -> GemmaVocabulary:
+    """Check the metadata describes a Gemma SentencePiece tokenizer, and keep its vocabulary."""
+    tokens, token_types, unk_token = _checked_vocabulary(meta)
+    spelled = respell_space_tokens(tokens)
+    vocab = {token: index for index, token in enumerate(spelled)}
+    if len(vocab) != len(spelled):
+        raise CheckpointError("the GGUF vocabulary has duplicate tokens")
+    control, user_defined = gguf_added_tokens(tokens, token_types, vocab)
+    byte_tokens = [token for token, kind in zip(spelled, token_types, strict=True) if kind == TOKEN_BYTE]
+    return GemmaVocabulary(spelled, control, user_defined, byte_tokens, unk_token)
+
+
+def _checked_vocabulary(meta: dict) -> tuple[list[str], list[int], str]:
     architecture = meta.get("general.architecture")
     model = meta.get("tokenizer.ggml.model")
     if model != "llama" or architecture not in GEMMA_TOKENIZER_ARCHITECTURES:
@@ -180,18 +206,153 @@ def gemma_backend_from_gguf_metadata(meta: dict) -> tokenizers.Tokenizer:
     if len(token_types) != len(tokens):
         raise CheckpointError(f"{len(tokens)} tokens but {len(token_types)} token types in the GGUF metadata")
     unk_token = _token_string(tokens, meta, "unknown_token_id") or "<unk>"
-    return gemma_backend(tokens, token_types, unk_token)
+    return tokens, token_types, unk_token
 
 
 # --------------------------------------------------------------------------------------------
-# The on-disk cache of built tokenizers
+# The vocabulary without the 515k merges: a small tokenizer per text
+# --------------------------------------------------------------------------------------------
+
+
+class GemmaVocabulary:
+    """The Gemma tokenizer of steps 1-5, kept as its vocabulary: the `tokenizers.Tokenizer` of the
+    whole vocabulary (262k tokens, 515k merges) takes over a second and ~250 MB to build, every run.
+
+    To encode a text it builds the BPE of that text's own tokens instead: every vocabulary token
+    that is a substring of the normalized text, plus the byte tokens, with the merges among them
+    (`merges_from_vocab`, in the same order) and the added tokens that occur in the text. The ids
+    are the same, because BPE only ever forms symbols that are substrings of the text it splits:
+    its merges start from the text's characters (or byte tokens, for characters not in the
+    vocabulary) and join neighbours, so a token that does not occur in the text, and every merge
+    that would form one, is never used. Added tokens that do not occur in the text never match.
+    That argument needs two properties of the vocabulary, checked once (`exact`): no token is
+    a byte token joined to another token (a byte token is not a substring of the text), and every
+    added token is in the vocabulary (else the full tokenizer gives it a new id). Without them,
+    the whole tokenizer is built, as before.
+
+    It answers the part of `tokenizers.Tokenizer` that `Tokenizer` uses: encode, decode,
+    token_to_id, id_to_token, get_vocab_size, save (the whole tokenizer, built then).
+    """
+
+    def __init__(
+        self, tokens: list[str], control: list[str], user_defined: list[str], byte_tokens: list[str], unk_token: str
+    ):
+        self.tokens = tokens  # id -> token, spelled ("▁▁" for a run of two spaces)
+        self.control, self.user_defined = control, user_defined
+        self.byte_tokens, self.unk_token = byte_tokens, unk_token
+        self.longest = max(map(len, tokens))
+        self._ids = None  # token -> id, built on first encode (a dict of 262k entries)
+        self._whole = None  # the whole tokenizers.Tokenizer, built only when asked for
+        self._special = set(control)
+        self._added = control + user_defined
+        self._added_with_spaces = [token for token in self._added if " " in token]
+        self.decoder = gemma_decoder()
+
+    # ---- lookups ----
+
+    @property
+    def ids(self) -> dict:
+        if self._ids is None:
+            self._ids = {token: index for index, token in enumerate(self.tokens)}
+        return self._ids
+
+    @property
+    def exact(self) -> bool:
+        """True when the per-text BPE gives the whole tokenizer's ids (see the class doc)."""
+        if getattr(self, "_exact", None) is None:
+            ids, byte_tokens = self.ids, set(self.byte_tokens)
+            prefix = os.path.commonprefix(self.byte_tokens) if self.byte_tokens else ""  # "<0x"
+            joins_a_byte_token = any(
+                token[:cut] in byte_tokens and token[cut:] in ids or token[cut:] in byte_tokens and token[:cut] in ids
+                for token in self.tokens
+                if prefix in token and token not in byte_tokens
+                for cut in range(1, len(token))
+            )
+            self._exact = not joins_a_byte_token and all(token in ids for token in self._added)
+            self._exact = self._exact and self.unk_token in ids
+        return self._exact
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._ids is None and token in self._special:  # <bos>, <eos>, ...: no need for the whole dict yet
+            return self.tokens.index(token)  # control tokens come first in Gemma's file
+        return self.ids.get(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else None
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return len(self.tokens)
+
+    # ---- the whole tokenizer, or the one of a text ----
+
+    def whole(self) -> tokenizers.Tokenizer:
+        """The `tokenizers.Tokenizer` of the whole vocabulary (seconds to build; kept once built)."""
+        if self._whole is None:
+            self._whole = backend_from_parts(
+                self.ids, merges_from_vocab(self.tokens), self.unk_token, self.control, self.user_defined
+            )
+        return self._whole
+
+    def save(self, path: str) -> None:
+        """Write the whole tokenizer as a Hugging Face tokenizer.json."""
+        self.whole().save(path)
+
+    def text_tokens(self, text: str) -> dict:
+        """{token: id} for every vocabulary token that is a substring of `text` normalized (" " -> "▁")."""
+        ids, longest, found, seen = self.ids, self.longest, {}, set()
+        normalized = text.replace(" ", "\u2581")
+        for start in range(len(normalized)):
+            window = normalized[start : start + longest]
+            if window in seen:  # a repeated stretch of text holds the same tokens
+                continue
+            seen.add(window)
+            for end in range(1, len(window) + 1):
+                token_id = ids.get(window[:end])
+                if token_id is not None:
+                    found[window[:end]] = token_id
+        return found
+
+    def backend_for(self, text: str) -> tokenizers.Tokenizer:
+        """The BPE tokenizer of the vocabulary tokens that occur in `text` (class doc): the same ids."""
+        if not self.exact:
+            return self.whole()
+        found = self.text_tokens(text)
+        for token in [*self.byte_tokens, self.unk_token, *(t for t in self._added_with_spaces if t in text)]:
+            found[token] = self.ids[token]
+        in_order = sorted(found, key=found.__getitem__)  # file order: the merges keep their ranks
+        control = [token for token in self.control if token in found]
+        user_defined = [token for token in self.user_defined if token in found]
+        return backend_from_parts(found, merges_from_vocab(in_order), self.unk_token, control, user_defined)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> tokenizers.Encoding:
+        return self.backend_for(text).encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """As `tokenizers.Tokenizer.decode`: each id's token (special ones dropped if asked), then the decoder."""
+        tokens = [self.tokens[i] for i in ids if 0 <= i < len(self.tokens)]
+        if skip_special_tokens:
+            tokens = [token for token in tokens if token not in self._special]
+        return self.decoder.decode(tokens)
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "control": self.control,
+            "user_defined": self.user_defined,
+            "byte_tokens": self.byte_tokens,
+            "unk_token": self.unk_token,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache of vocabularies
 # --------------------------------------------------------------------------------------------
 
 
 def tokenizer_cache_path(gguf_path: pathlib.Path) -> pathlib.Path:
-    """Where the tokenizer built from this GGUF file is cached, keyed by the file's identity and by
-    the code that builds it (this module's source and the tokenizers version): a change to the
-    recipe, or a bug fixed in it, never reads a tokenizer the old code built."""
+    """Where the vocabulary read from this GGUF file is cached, keyed by the file's identity and by
+    the code that reads it (this module's source and the tokenizers version): a change to the
+    recipe, or a bug fixed in it, never reads a vocabulary the old code wrote."""
     resolved = pathlib.Path(gguf_path).resolve()
     stat = resolved.stat()
     identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0format {CACHE_FORMAT_VERSION}\0{_BUILDER_DIGEST}"
@@ -199,29 +360,12 @@ def tokenizer_cache_path(gguf_path: pathlib.Path) -> pathlib.Path:
     return minilm_cache_dir() / "tokenizers" / f"{key}.json"
 
 
-def compact_merges(tokenizer_json: str) -> str:
-    """The same tokenizer with its BPE merges written as "left right" strings, tokenizers' older
-    spelling, instead of ["left", "right"] pairs, when no piece holds a space (the one character
-    that spelling cannot carry). Equal tokenizers; parsing 515k merges takes ~25 % less time and a
-    third of the temporary memory in this form."""
-    data = json.loads(tokenizer_json)
-    model = data.get("model", {})
-    merges = model.get("merges")
-    if model.get("type") != "BPE" or not merges or not all(isinstance(m, list) for m in merges):
-        return tokenizer_json
-    if any(" " in left or " " in right for left, right in merges):
-        return tokenizer_json
-    model["merges"] = [f"{left} {right}" for left, right in merges]
-    return json.dumps(data, ensure_ascii=False)
-
-
 def release_freed_memory() -> None:
     """Give the C heap's free memory back to the system (glibc's malloc_trim; elsewhere nothing).
 
-    Parsing a tokenizer with 515k merges allocates ~300 MB of temporaries in the tokenizers
-    library, all freed by the time it returns, but glibc keeps freed memory in the process: without
-    this the process would hold them for its whole life, and the model's weights would be added on
-    top of them."""
+    Reading a vocabulary allocates tens of MB of temporaries (the GGUF metadata's Python strings),
+    freed by the time it returns, but glibc keeps freed memory in the process: without this the
+    process would hold them for its whole life, and the model's weights would be added on top."""
     try:
         libc = ctypes.CDLL(None)
         trim = libc.malloc_trim
@@ -230,29 +374,36 @@ def release_freed_memory() -> None:
     trim(0)
 
 
-def _read_cache(path: pathlib.Path) -> tuple[tokenizers.Tokenizer, dict] | None:
-    """The cached (backend, settings), or None if absent or unreadable (it is then rebuilt)."""
+def _read_cache(path: pathlib.Path) -> tuple[GemmaVocabulary, dict] | None:
+    """The cached (vocabulary, settings), or None if absent or unreadable (it is then rebuilt)."""
     try:
         with open(path, encoding="utf-8") as file:
             cached = json.load(file)
         if cached.get("format") != CACHE_FORMAT_VERSION:
             return None
-        settings = cached["settings"]
-        backend = tokenizers.Tokenizer.from_str(cached["tokenizer"])
-    except Exception:  # missing file, bad JSON, wrong keys: tokenizers raises plain Exception
+        settings, vocabulary = cached["settings"], cached["vocabulary"]
+        vocabulary = GemmaVocabulary(
+            vocabulary["tokens"],
+            vocabulary["control"],
+            vocabulary["user_defined"],
+            vocabulary["byte_tokens"],
+            vocabulary["unk_token"],
+        )
+        "".join(vocabulary.tokens)  # TypeError unless every token is a string (C speed)
+        if not isinstance(settings, dict):
+            return None
+    except Exception:  # missing file, bad JSON, wrong keys or types: rebuilt
         return None
-    del cached
-    release_freed_memory()
-    return backend, settings
+    return vocabulary, settings
 
 
-def _write_cache(path: pathlib.Path, backend: tokenizers.Tokenizer, settings: dict, source: pathlib.Path) -> None:
+def _write_cache(path: pathlib.Path, vocabulary: GemmaVocabulary, settings: dict, source: pathlib.Path) -> None:
     """Write atomically (temp file in the same dir, fsync, os.replace); warn, do not fail, on OSError."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
         "source": str(source),
         "settings": settings,
-        "tokenizer": compact_merges(backend.to_str()),
+        "vocabulary": vocabulary.to_dict(),
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,8 +434,8 @@ class Tokenizer:
     Build with `Tokenizer.from_gguf(path_or_gguf_file)` or `Tokenizer.from_file(tokenizer.json)`.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, settings: dict):
-        self.backend = backend
+    def __init__(self, backend: tokenizers.Tokenizer | GemmaVocabulary, settings: dict):
+        self.backend = backend  # a GGUF's: its GemmaVocabulary; a tokenizer.json's: the tokenizers.Tokenizer
         self.bos_token = settings.get("bos_token")
         self.eos_token = settings.get("eos_token")
         self.pad_token = settings.get("pad_token")
@@ -321,12 +472,12 @@ class Tokenizer:
         if use_cache and (cached := _read_cache(cache_path)) is not None:
             return cls(*cached)
         gguf_file = gguf_file or read_gguf(path)
-        backend = gemma_backend_from_gguf_metadata(gguf_file.metadata)
+        vocabulary = gemma_vocabulary_from_gguf_metadata(gguf_file.metadata)
         settings = settings_from_gguf_metadata(gguf_file.metadata)
         if use_cache:
-            _write_cache(cache_path, backend, settings, path)
-        release_freed_memory()  # the vocabulary's Python strings and the builder's temporaries
-        return cls(backend, settings)
+            _write_cache(cache_path, vocabulary, settings, path)
+        release_freed_memory()  # the metadata's Python strings
+        return cls(vocabulary, settings)
 
     @classmethod
     def from_file(cls, path) -> Tokenizer:
