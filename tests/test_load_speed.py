@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from minilm.errors import CheckpointError
 from minilm.io import array_cache, gguf
+from minilm.io import tokenizer as tokenizer_module
 from minilm.io.tokenizer import (
     GemmaVocabulary,
     Tokenizer,
@@ -83,6 +84,24 @@ def test_a_vocabulary_the_argument_does_not_cover_uses_the_whole_tokenizer():
     assert not vocabulary.exact
     whole = gemma_backend(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"], "<unk>")
     assert vocabulary.encode("\U0001f917a").ids == whole.encode("\U0001f917a").ids
+
+
+def test_past_a_corpus_worth_of_characters_the_whole_tokenizer_is_built_once(monkeypatch):
+    """Rent, then buy: per-text BPEs until WHOLE_AFTER_CHARS characters were encoded, then the
+    whole tokenizer, built once and kept; the ids are the same either side of the switch."""
+    monkeypatch.setattr(tokenizer_module, "WHOLE_AFTER_CHARS", 40)
+    meta = toy_metadata()
+    vocabulary = gemma_vocabulary_from_gguf_metadata(meta)
+    whole = gemma_backend(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"], "<unk>")
+    texts = ["abc ab", "<start_of_turn>ba\n", "cab  cab", "é aé", "abca" * 5, "bab ", "abc ab"]
+    built = []
+    for text in texts:
+        assert vocabulary.encode(text).ids == whole.encode(text).ids, repr(text)
+        built.append(vocabulary._whole is not None)
+    assert built == [False, False, False, False, True, True, True]  # 6 + 18 + 8 + 4 = 36 <= 40 < 56
+    first = vocabulary._whole
+    vocabulary.encode("ab")
+    assert vocabulary._whole is first  # built once
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,9 @@ def _checked_vocabulary(meta: dict) -> tuple[list[str], list[int], str]:
 # --------------------------------------------------------------------------------------------
 
 
+WHOLE_AFTER_CHARS = 50_000  # GemmaVocabulary.encode builds the whole tokenizer after this many characters
+
+
 class GemmaVocabulary:
     """The Gemma tokenizer of steps 1-5, kept as its vocabulary: the `tokenizers.Tokenizer` of the
     whole vocabulary (262k tokens, 515k merges) takes over a second and ~250 MB to build, every run.
@@ -243,6 +246,7 @@ class GemmaVocabulary:
         self.longest = max(map(len, tokens))
         self._ids = None  # token -> id, built on first encode (a dict of 262k entries)
         self._whole = None  # the whole tokenizers.Tokenizer, built only when asked for
+        self._chars_encoded = 0  # characters encoded so far (`encode`: when the whole one pays)
         self._special = set(control)
         self._added = control + user_defined
         self._added_with_spaces = [token for token in self._added if " " in token]
@@ -325,7 +329,14 @@ class GemmaVocabulary:
         return backend_from_parts(found, merges_from_vocab(in_order), self.unk_token, control, user_defined)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> tokenizers.Encoding:
-        return self.backend_for(text).encode(text, add_special_tokens=add_special_tokens)
+        """A text's BPE costs time in proportion to the text (~15 us a character here), the whole
+        tokenizer ~1.3 s once: after WHOLE_AFTER_CHARS characters encoded one text at a time, the
+        whole one is built and used from then on. So a prompt or a chat starts at once, and a
+        corpus costs at most about twice what the better of the two would have (rent, then buy)."""
+        self._chars_encoded += len(text)
+        if self._whole is None and self._chars_encoded <= WHOLE_AFTER_CHARS:
+            return self.backend_for(text).encode(text, add_special_tokens=add_special_tokens)
+        return self.whole().encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """As `tokenizers.Tokenizer.decode`: each id's token (special ones dropped if asked), then the decoder."""
