@@ -252,13 +252,17 @@ class PreTrainedModel:
                 raise CheckpointError(
                     f"tensor {name!r} has shape {tuple(tensors[name].shape)} but the config gives {tuple(shape)}{hint}"
                 )
-            array = np.asarray(tensors[name])  # read now (a GGUF tensor is dequantized here, one at a time)
-            if array.dtype.kind not in "fV":  # V: bfloat16 from ml_dtypes
-                raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, expected a floating-point type")
             weight = storage[offset : offset + math.prod(shape)].reshape(shape)  # (shape) view, C order
             offset += padded[name]
-            np.copyto(weight, array, casting="unsafe")  # the copy and the dtype conversion
-            del array
+            read_into = getattr(tensors[name], "read_into", None)
+            if read_into is not None and self.dtype == np.float32:
+                read_into(weight)  # a GGUF tensor, dequantized straight into its place
+            else:
+                array = np.asarray(tensors[name])  # read now, one tensor at a time
+                if array.dtype.kind not in "fV":  # V: bfloat16 from ml_dtypes
+                    raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, expected a floating-point type")
+                np.copyto(weight, array, casting="unsafe")  # the copy and the dtype conversion
+                del array
             if not np.isfinite(weight.astype(np.float32, copy=False)).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values (corrupt checkpoint?)")
             converted[name] = ops.prepare_weight(weight)  # once, at load: the form the backend reads

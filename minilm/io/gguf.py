@@ -185,8 +185,9 @@ class GGUFFile:
         rows = math.prod(info.shape[:-1])
         return data.reshape(*info.shape[:-1], info.n_bytes // max(rows, 1))
 
-    def dequantize(self, name: str) -> np.ndarray:
-        """Tensor `name` as a float32 array in HF order, e.g. `(out_features, in_features)`."""
+    def dequantize(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Tensor `name` as a float32 array in HF order, e.g. `(out_features, in_features)`; into
+        `out` (float32, C-contiguous, that shape) when given, so no second copy is ever held."""
         info = self.tensor_info(name)
         if info.type_name not in DEQUANTIZE:
             raise CheckpointError(
@@ -195,7 +196,9 @@ class GGUFFile:
             )
         rows = math.prod(info.shape[:-1])
         row_bytes = info.n_bytes // max(rows, 1)
-        out = np.empty((rows, info.shape[-1]), np.float32)  # (rows, values per row)
+        if out is None:
+            out = np.empty(info.shape, np.float32)
+        out = out.reshape(rows, info.shape[-1])  # (rows, values per row), a view
         step = max(1, DEQUANTIZE_CHUNK_BYTES // max(row_bytes, 1))  # rows per read
         try:
             for first in range(0, rows, step):
@@ -661,10 +664,16 @@ class GGUFTensor:
         return QuantizedWeight(self.gguf_file.raw(self.name), info.type_name, info.shape)
 
     def __array__(self, dtype=None, copy=None):
-        weight = self.gguf_file.dequantize(self.name)  # float32, a new array
-        if self.offset:
-            weight -= np.float32(self.offset)
+        weight = self.read_into(np.empty(self.shape, np.float32))  # float32, a new array
         return weight if dtype is None else weight.astype(dtype, copy=False)
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """Dequantize into `out` (float32, C-contiguous, this tensor's shape): a loader that owns the
+        storage never holds the float32 tensor twice (the 262k x 640 embedding is 671 MB)."""
+        self.gguf_file.dequantize(self.name, out=out)
+        if self.offset:
+            out -= np.float32(self.offset)
+        return out
 
     def __repr__(self) -> str:
         info = self.gguf_file.tensor_info(self.name)
