@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import nn, ops, peft
 from .cache import KVCache, mask_for_cached_keys
@@ -275,7 +276,8 @@ class PreTrainedModel:
         backend computes with (`ops.reads_quantized`) in a float32 model. They take no room in the
         float32 buffer; every other tensor is dequantized into it, as before."""
         kept = {}
-        for name, shape in expected.items():
+        # the first load of a model prepares (and caches) the form the kernels read: a bar if slow
+        for name, shape in tqdm(expected.items(), desc="Preparing weights", unit="tensor", delay=1.0, leave=False):
             quantized = getattr(tensors.get(name), "quantized", None)  # a GGUFTensor's blocks
             weight = quantized() if quantized is not None and name not in tied else None
             if (
