@@ -31,8 +31,10 @@ another weight type or activation); the forward then decodes every token.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from minilm.errors import InputError
 from minilm.io.quants import QuantizedWeight
@@ -167,6 +169,120 @@ def _soft_cap(logits, cap):
 
 
 # ---------------------------------------------------------------------------------------------
+# K-quants repacked for decode: codes of one byte per value next to float32 scales
+# ---------------------------------------------------------------------------------------------
+# Q4_K and Q6_K rebuild each value from bit fields spread over a 144- / 210-byte block (quantized.py
+# `_row_dot_q4_k` / `_row_dot_q6_k`): in a gemv that is compute-bound, ~1 GB/s on one core. Unpacked
+# once into one byte per value and a float32 scale (and offset) per sub-block, with the reference's
+# float32 operations for those scales, the values are the same bit for bit and the gemv reads them as
+# fast as the int8 codes of Q5_0 (linear.py `_gemv_int8_kernel`):
+#     Q6_K  w = scale[o, i // 16] * code[o, i]                    code = q - 32, int8
+#     Q4_K  w = scale[o, i // 32] * code[o, i] - offset[o, i // 32]  code = q, uint8 0..15
+# The memory costs more than the blocks (1.2x Q6_K, 2x Q4_K: 36 MB more for the 270M), built once per
+# weight, the first time a decoder reads it, and kept with the weight (`_repacked`).
+
+
+@njit(parallel=True, cache=True)
+def _unpack_q6_k(blocks, codes, scales):
+    """codes (out_features, in_features) int8 = q - 32; scales (out_features, in_features // 16)
+    float32 = d * sc (`_decode_block`'s Q6_K rule). blocks (out_features, row_bytes) uint8."""
+    for o in prange(blocks.shape[0]):
+        b = blocks[o]
+        for blk in range(codes.shape[1] // 256):
+            start = 210 * blk
+            d = quantized._f16(b, start + 208)
+            for sub in range(16):
+                sc = np.int32(b[start + 192 + sub])
+                scales[o, 16 * blk + sub] = d * np.float32(sc - 256 if sc > 127 else sc)
+            for half in range(2):
+                ql, qh = start + 64 * half, start + 128 + 32 * half
+                for group in range(4):
+                    low_at, low_shift, high_shift = ql + 32 * (group & 1), 4 * (group >> 1), 2 * group
+                    for j in range(32):
+                        low = (np.int32(b[low_at + j]) >> low_shift) & 15
+                        high = (np.int32(b[qh + j]) >> high_shift) & 3
+                        codes[o, 256 * blk + 128 * half + 32 * group + j] = (low | (high << 4)) - 32
+
+
+@njit(parallel=True, cache=True)
+def _unpack_q4_k(blocks, codes, scales, offsets):
+    """codes (out_features, in_features) uint8 = q; scales, offsets (out_features, in_features // 32)
+    float32 = d * sc, dmin * m (`_decode_block`'s Q4_K rule). blocks (out_features, row_bytes) uint8."""
+    for o in prange(blocks.shape[0]):
+        b = blocks[o]
+        for blk in range(codes.shape[1] // 256):
+            start = 144 * blk
+            d, dmin, sc = quantized._f16(b, start), quantized._f16(b, start + 2), start + 4
+            for s in range(8):
+                if s < 4:
+                    scale = np.int32(b[sc + s]) & 63
+                    low_min = np.int32(b[sc + s + 4]) & 63
+                else:
+                    scale = (np.int32(b[sc + s + 4]) & 15) | ((np.int32(b[sc + s - 4]) >> 6) << 4)
+                    low_min = (np.int32(b[sc + s + 4]) >> 4) | ((np.int32(b[sc + s]) >> 6) << 4)
+                scales[o, 8 * blk + s] = d * np.float32(scale)
+                offsets[o, 8 * blk + s] = dmin * np.float32(low_min)
+                qs, shift = start + 16 + 32 * (s >> 1), 4 * (s & 1)
+                for j in range(32):
+                    codes[o, 256 * blk + 32 * s + j] = (np.int32(b[qs + j]) >> shift) & 15
+
+
+_REPACKED = weakref.WeakKeyDictionary()  # QuantizedWeight -> its unpacked arrays, as long as it lives
+
+
+def _repacked(weight):
+    """(codes, scales) of a Q6_K weight, (codes, scales, offsets) of a Q4_K one, built once."""
+    if weight not in _REPACKED:
+        out_features, in_features = weight.shape
+        if weight.type_name == "Q6_K":
+            arrays = (np.empty(weight.shape, np.int8), np.empty((out_features, in_features // 16), np.float32))
+            _unpack_q6_k(weight.blocks, *arrays)
+        else:
+            arrays = (np.empty(weight.shape, np.uint8),) + tuple(
+                np.empty((out_features, in_features // 32), np.float32) for _ in range(2)
+            )
+            _unpack_q4_k(weight.blocks, *arrays)
+        _REPACKED[weight] = arrays
+    return _REPACKED[weight]
+
+
+@njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
+def _gemv_affine_u8(x, codes, scales, offsets, bias, has_bias, out):
+    """out[0, o] = sum_i x[0, i] * (scales[o, b] * codes[o, i] - offsets[o, b]) (+ bias[o]),
+    b = i // 32: the Q4_K values (see above), four rows at a time in 32 lanes, as `_gemv_int8_kernel`.
+    x (1, in_features), codes (out_features, in_features) uint8, scales / offsets
+    (out_features, in_features // 32) float32, out (1, out_features)."""
+    out_features, in_features = codes.shape
+    n_quads = out_features // 4
+    n_chunks = min(max(n_quads, 1), 256)
+    for chunk in prange(n_chunks):
+        acc = np.empty((4, 32), np.float32)
+        for quad in range(chunk * n_quads // n_chunks, (chunk + 1) * n_quads // n_chunks):
+            o0 = 4 * quad
+            acc[:] = 0.0
+            for b in range(in_features // 32):
+                s0, s1, s2, s3 = scales[o0, b], scales[o0 + 1, b], scales[o0 + 2, b], scales[o0 + 3, b]
+                m0, m1, m2, m3 = offsets[o0, b], offsets[o0 + 1, b], offsets[o0 + 2, b], offsets[o0 + 3, b]
+                for j in range(32):
+                    i = 32 * b + j
+                    xi = x[0, i]
+                    acc[0, j] += (s0 * np.float32(codes[o0, i]) - m0) * xi
+                    acc[1, j] += (s1 * np.float32(codes[o0 + 1, i]) - m1) * xi
+                    acc[2, j] += (s2 * np.float32(codes[o0 + 2, i]) - m2) * xi
+                    acc[3, j] += (s3 * np.float32(codes[o0 + 3, i]) - m3) * xi
+            for k in range(4):
+                y = np.float32(0.0)
+                for j in range(32):
+                    y += acc[k, j]
+                out[0, o0 + k] = y + bias[o0 + k] if has_bias else y
+    for o in range(4 * n_quads, out_features):  # the last rows
+        y = np.float32(0.0)
+        for i in range(in_features):
+            y += (scales[o, i >> 5] * np.float32(codes[o, i]) - offsets[o, i >> 5]) * x[0, i]
+        out[0, o] = y + bias[o] if has_bias else y
+
+
+# ---------------------------------------------------------------------------------------------
 # One gemv per matrix: the kernel `linear` would run, and its arguments, found once
 # ---------------------------------------------------------------------------------------------
 
@@ -187,6 +303,10 @@ def gemv_plan(weight, bias=None):
         codes, scales = quantized.repacked_codes(weight), quantized.block_scales(weight)
         if codes is not None:  # Q5_0: its int8 codes
             return linear._gemv_int8_kernel, (codes, scales, b, has_bias)
+        if weight.type_name == "Q6_K":
+            return linear._gemv_int8_kernel, (*_repacked(weight), b, has_bias)
+        if weight.type_name == "Q4_K":
+            return _gemv_affine_u8, (*_repacked(weight), b, has_bias)
         kernel = quantized._GEMV[weight.type_name]
         return (kernel, (weight.blocks, scales, b, has_bias)) if scales is not None else (kernel, (weight.blocks, b, has_bias))
     if getattr(weight, "codes", None) is not None:  # an Int8BlockWeight (linear.py)
