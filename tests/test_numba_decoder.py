@@ -21,8 +21,10 @@ from test_decoders import TOL, decode_pairs
 from test_quantized_weights import F16_FIELDS, random_weight
 
 from minilm import ops
+from minilm.errors import InputError
 from minilm.generation import generate
 from minilm.io.quants import BLOCK_LAYOUT, QuantizedWeight
+from minilm.lora import LoraWeight
 from minilm.models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig, make_cache
 
 TYPES = ("Q8_0", "Q5_0", "Q4_K", "Q6_K")
@@ -94,7 +96,7 @@ def quantized_model():
 
 def test_the_tiny_model_holds_every_type_in_blocks(quantized_model):
     p = quantized_model.params
-    for m, matrix in enumerate(MATRICES):
+    for matrix in MATRICES:
         module = "mlp" if matrix in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         kinds = {p.model.layers[i][module][matrix].weight.type_name for i in range(4)}
         assert kinds == set(TYPES), matrix
@@ -126,7 +128,7 @@ def test_greedy_ids_with_and_without_the_decoder_on_quantized_weights(quantized_
 
 
 def test_what_the_decoder_declines(quantized_model):
-    """A batch of two, a padded prompt, no cache: None (the forward decodes those)."""
+    """A batch of two, a padded prompt, no cache, a LoRA weight: None (the forward decodes those)."""
     with ops.use_backend("numba"):
         model, cache = quantized_model, make_cache(quantized_model.config)
         model(input_ids=np.array([[1, 2], [3, 4]]), past_key_values=cache, use_cache=True)
@@ -135,11 +137,19 @@ def test_what_the_decoder_declines(quantized_model):
         model(input_ids=np.array([[0, 2]]), attention_mask=np.array([[0, 1]]), past_key_values=cache, use_cache=True)
         assert ops.compiled_decoder(model, cache, np.array([[0, 1]]), 8) is None
         assert ops.compiled_decoder(model, None, np.ones((1, 2), np.int64), 8) is None
+        cache = make_cache(model.config)
+        model(input_ids=np.array([[1, 2]]), past_key_values=cache, use_cache=True)
+        assert ops.compiled_decoder(model, cache, np.ones((1, 2), np.int64), 8) is not None
+        v_proj = model.params.model.layers[2].self_attn.v_proj
+        base = v_proj["weight"]
+        v_proj["weight"] = LoraWeight(base, np.zeros((2, base.shape[1]), np.float32), np.zeros((base.shape[0], 2)))
+        try:
+            assert ops.compiled_decoder(model, cache, np.ones((1, 2), np.int64), 8) is None
+        finally:
+            v_proj["weight"] = base
 
 
 def test_a_step_out_of_order_is_refused(quantized_model):
-    from minilm.errors import InputError
-
     with ops.use_backend("numba"):
         cache = make_cache(quantized_model.config)
         quantized_model(input_ids=np.array([[1, 2]]), past_key_values=cache, use_cache=True)
@@ -176,7 +186,7 @@ def test_real_model_logits_step_by_step(real_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["capital", "long"])
 def test_real_model_greedy_ids_equal_transformers_with_the_decoder(real_model, name, monkeypatch):
-    """"long" (1096 tokens) crosses the 512-token sliding window: its rings start full."""
+    """ "long" (1096 tokens) crosses the 512-token sliding window: its rings start full."""
     reference = json.loads((Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json").read_text())
     case = {case["name"]: case for case in reference["generation"]["cases"]}[name]
     prompt = np.array([case["input_ids"]])

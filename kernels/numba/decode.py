@@ -308,7 +308,11 @@ def gemv_plan(weight, bias=None):
         if weight.type_name == "Q4_K":
             return _gemv_affine_u8, (*_repacked(weight), b, has_bias)
         kernel = quantized._GEMV[weight.type_name]
-        return (kernel, (weight.blocks, scales, b, has_bias)) if scales is not None else (kernel, (weight.blocks, b, has_bias))
+        return (
+            (kernel, (weight.blocks, scales, b, has_bias))
+            if scales is not None
+            else (kernel, (weight.blocks, b, has_bias))
+        )
     if getattr(weight, "codes", None) is not None:  # an Int8BlockWeight (linear.py)
         return linear._gemv_int8_kernel, (weight.codes, weight.scales, b, has_bias)
     if isinstance(weight, np.ndarray) and weight.dtype == np.float32 and weight.ndim == 2:
@@ -351,7 +355,7 @@ def gemma3_decoder(model, cache, attention_mask, capacity):
     if not isinstance(table, QuantizedWeight) and getattr(table, "dtype", None) != np.float32:
         return None
     head = gemv_plan(p.lm_head.weight)
-    hidden, d = cfg.hidden_size, cfg.head_dim
+    hidden = cfg.hidden_size
     final_norm = _float32_vector(p.model.norm.weight, hidden)
     if head is None or final_norm is None:
         return None
@@ -385,14 +389,14 @@ def _layer(cfg, i, lp, cache, past, capacity):
         if plan is None:
             return None
         setattr(layer, name, plan)
-    ones = np.zeros(hidden, np.float32)  # a norm the config turns off is never read
+    unused = np.zeros(hidden, np.float32)  # a norm the config turns off (never read)
     layer.input_norm = _float32_vector(lp.input_layernorm.weight, hidden)
     layer.pre_feedforward_norm = _float32_vector(lp.pre_feedforward_layernorm.weight, hidden)
     layer.post_attention_norm = (
-        _float32_vector(lp.post_attention_layernorm.weight, hidden) if cfg.use_post_attention_norm else ones
+        _float32_vector(lp.post_attention_layernorm.weight, hidden) if cfg.use_post_attention_norm else unused
     )
     layer.post_feedforward_norm = (
-        _float32_vector(lp.post_feedforward_layernorm.weight, hidden) if cfg.use_post_ffw_norm else ones
+        _float32_vector(lp.post_feedforward_layernorm.weight, hidden) if cfg.use_post_ffw_norm else unused
     )
     zeros_d = np.zeros(d, np.float32)
     layer.q_norm = _float32_vector(attn.q_norm.weight, d) if cfg.use_query_key_norm else zeros_d
@@ -477,7 +481,9 @@ class Gemma3Decoder:
                     L.keys, L.values, position, L.window, self.scale, self.cap, self.has_cap, self.scores,
                     self.attn[0])  # fmt: skip
             L.o[0](self.attn, *L.o[1], y)
-            _add_normed_then_norm(y[0], L.post_attention_norm, has_post_attention, x[0], L.pre_feedforward_norm, eps, xn[0])
+            _add_normed_then_norm(
+                y[0], L.post_attention_norm, has_post_attention, x[0], L.pre_feedforward_norm, eps, xn[0]
+            )
             L.gate[0](xn, *L.gate[1], self.gate)
             L.up[0](xn, *L.up[1], self.up)
             _gelu_tanh_times(self.gate[0], self.up[0], self.act[0])
