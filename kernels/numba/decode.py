@@ -21,18 +21,21 @@ The KV cache the prompt's forward filled is copied, once, into buffers of its ow
 holds `capacity` positions, a sliding layer a ring of min(sliding_window, capacity) slots, position
 p in slot p % slots (the new key overwrites the one that just left the window).
 
-Every matrix runs the gemv kernel `ops.linear` would pick for it (a Q8_0 / Q4_K / Q6_K
-`QuantizedWeight` from its blocks, Q5_0 from its repacked int8 codes, an `Int8BlockWeight` from its
-codes, a plain float32 matrix with the float32 gemv), called straight with buffers made once. The
-gemvs run on numba's threads (prange over output rows); the glue between them is small and runs on
-one. `gemma3_decoder` returns None for what it does not cover (a batch, padding, LoRA, bfloat16,
+Every matrix runs the gemv kernel `ops.linear` would pick for it (Q8_0 `QuantizedWeight`s from their
+blocks, Q5_0 from its repacked int8 codes, an `Int8BlockWeight` from its codes, a plain float32
+matrix with the float32 gemv), called straight with buffers made once; Q4_K and Q6_K are unpacked
+once into byte codes (below), which read several times faster than their bit fields. The LM head
+runs on all of numba's threads (prange over output rows), the layers on LAYER_THREADS (one: see
+there). `gemma3_decoder` returns None for what it does not cover (a batch, padding, LoRA, bfloat16,
 another weight type or activation); the forward then decodes every token.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -45,6 +48,13 @@ from . import linear, quantized
 from .compile import _SUM_IN_ANY_ORDER
 
 _NO_BIAS = np.zeros(1, np.float32)  # the bias argument of a gemv without one (never read)
+# Numba threads for the layers' gemvs; the LM head (most of the bytes a token reads) always gets
+# them all. Each parallel gemv forks and joins the threads, seven times a layer; on a machine whose
+# cores also run other work, every join waits for a scheduler tick: measured on the shared 2-core
+# machine with two other busy processes, 1114 ms/token with every gemv on 2 threads, 60 ms with the
+# layers on one (one parallel region per token). On an idle machine the layers on 2 threads save a
+# few ms/token. $MINILM_DECODE_LAYER_THREADS: 0 = all of numba's threads.
+LAYER_THREADS = int(os.environ.get("MINILM_DECODE_LAYER_THREADS", "1")) or None  # None: all
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # nn.ACTIVATIONS' names of gelu_tanh
 
 
@@ -182,11 +192,11 @@ def _soft_cap(logits, cap):
 # weight, the first time a decoder reads it, and kept with the weight (`_repacked`).
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)  # once per weight: one thread, quicker to compile
 def _unpack_q6_k(blocks, codes, scales):
     """codes (out_features, in_features) int8 = q - 32; scales (out_features, in_features // 16)
     float32 = d * sc (`_decode_block`'s Q6_K rule). blocks (out_features, row_bytes) uint8."""
-    for o in prange(blocks.shape[0]):
+    for o in range(blocks.shape[0]):
         b = blocks[o]
         for blk in range(codes.shape[1] // 256):
             start = 210 * blk
@@ -204,11 +214,11 @@ def _unpack_q6_k(blocks, codes, scales):
                         codes[o, 256 * blk + 128 * half + 32 * group + j] = (low | (high << 4)) - 32
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)  # once per weight: one thread, quicker to compile
 def _unpack_q4_k(blocks, codes, scales, offsets):
     """codes (out_features, in_features) uint8 = q; scales, offsets (out_features, in_features // 32)
     float32 = d * sc, dmin * m (`_decode_block`'s Q4_K rule). blocks (out_features, row_bytes) uint8."""
-    for o in prange(blocks.shape[0]):
+    for o in range(blocks.shape[0]):
         b = blocks[o]
         for blk in range(codes.shape[1] // 256):
             start = 144 * blk
@@ -472,6 +482,9 @@ class Gemma3Decoder:
             rope[kind] = (np.ascontiguousarray(cos[0, 0]), np.ascontiguousarray(sin[0, 0]))
         _norm(x[0], self.layers[0].input_norm, eps, xn[0])
         has_post_attention, has_post_ffw = cfg.use_post_attention_norm, cfg.use_post_ffw_norm
+        threads = numba.get_num_threads()
+        if LAYER_THREADS is not None:
+            numba.set_num_threads(min(LAYER_THREADS, threads))
         for i, L in enumerate(self.layers):
             L.q[0](xn, *L.q[1], self.q)
             L.k[0](xn, *L.k[1], self.k)
@@ -490,6 +503,7 @@ class Gemma3Decoder:
             L.down[0](self.act, *L.down[1], y)
             following = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             _add_normed_then_norm(y[0], L.post_feedforward_norm, has_post_ffw, x[0], following, eps, xn[0])
+        numba.set_num_threads(threads)
         logits = np.empty((1, self.vocab_rows), np.float32)  # the caller keeps it: a new array per token
         self.head[0](xn, *self.head[1], logits)
         if self.final_cap is not None:
