@@ -25,8 +25,8 @@ Every matrix runs the gemv kernel `ops.linear` would pick for it (Q8_0 `Quantize
 blocks, Q5_0 from its repacked int8 codes, an `Int8BlockWeight` from its codes, a plain float32
 matrix with the float32 gemv), called straight with buffers made once; Q4_K and Q6_K are unpacked
 once into byte codes (below), which read several times faster than their bit fields. The LM head
-runs on all of numba's threads (prange over output rows), the layers on LAYER_THREADS (one: see
-there). `gemma3_decoder` returns None for what it does not cover (a batch, padding, LoRA, bfloat16,
+runs on all of numba's threads (prange over output rows), the layers on LAYER_THREADS (all by
+default; see there). `gemma3_decoder` returns None for what it does not cover (a batch, padding, LoRA, bfloat16,
 another weight type or activation); the forward then decodes every token.
 """
 
@@ -48,13 +48,13 @@ from . import linear, quantized
 from .compile import _SUM_IN_ANY_ORDER
 
 _NO_BIAS = np.zeros(1, np.float32)  # the bias argument of a gemv without one (never read)
-# Numba threads for the layers' gemvs; the LM head (most of the bytes a token reads) always gets
-# them all. Each parallel gemv forks and joins the threads, seven times a layer; on a machine whose
-# cores also run other work, every join waits for a scheduler tick: measured on the shared 2-core
-# machine with two other busy processes, 1114 ms/token with every gemv on 2 threads, 60 ms with the
-# layers on one (one parallel region per token). On an idle machine the layers on 2 threads save a
-# few ms/token. $MINILM_DECODE_LAYER_THREADS: 0 = all of numba's threads.
-LAYER_THREADS = int(os.environ.get("MINILM_DECODE_LAYER_THREADS", "1")) or None  # None: all
+# Numba threads for the layers' gemvs (the LM head, most of the bytes a token reads, always gets
+# them all). Each parallel gemv forks and joins the threads, seven times a layer. On an idle 2-core
+# machine the layers on both threads decode the 270M at ~24 ms/token against ~34 ms on one; but when
+# other processes keep the cores busy, every join waits for a scheduler tick: measured with two other
+# busy processes, 1114 ms/token on both threads against 60 ms with the layers on one (one parallel
+# region per token). $MINILM_DECODE_LAYER_THREADS: 0 (default) = all of numba's threads, 1 = one.
+LAYER_THREADS = int(os.environ.get("MINILM_DECODE_LAYER_THREADS", "0")) or None  # None: all
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # nn.ACTIVATIONS' names of gelu_tanh
 
 
