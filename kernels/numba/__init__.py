@@ -6,6 +6,7 @@
     quantized.py  linear on GGUF blocks kept as they are (Q8_0, Q5_0, Q4_K, Q6_K): gemv, tiled BLAS
     attention.py  attention: the fused decode kernel (flash-decoding), BLAS + masked softmax
     moe.py        moe_dispatch: counting sort by expert, per-expert kernels or BLAS, ordered sums
+    decode.py     decoders: Gemma 3's compiled decode step (`ops.compiled_decoder`), a few calls per layer
 
 Each op has the signature of its NumPy reference in `minilm/ops.py` and returns what the reference
 returns, to the tolerances stated in `tests/test_kernels.py`.
@@ -15,6 +16,7 @@ from minilm import ops
 
 from . import (  # the modules stay attributes of the package (not shadowed by their ops)
     attention,
+    decode,
     linear,
     moe,
     quantized,
@@ -29,5 +31,6 @@ ops.register_backend(
         "prepare_weight": linear.prepare_weight,
         "reads_quantized": quantized.reads_quantized,
         "linear_input_grad": linear.linear_input_grad,
+        "decoders": {"gemma3_text": decode.gemma3_decoder},
     },
 )
