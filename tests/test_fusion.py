@@ -58,6 +58,41 @@ def test_a_kernel_for_no_fusable_function_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------
+# Numba's fused kernels against their references (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 5), st.integers(1, 300)),
+    seed=st.integers(0, 2**31),
+    scale=st.sampled_from([1e-3, 1.0, 8.0, 1e3]),
+)
+def test_numba_gelu_tanh(shape, seed, scale):
+    """Elementwise, the reference's float32 operations in order, tanh from another libm (a few ulp
+    apart): the result within 4e-7 relative, plus what 2 ulp of tanh near -1 become after
+    1 + tanh cancels (0.5 |x| 2^-22), including where tanh saturates (|x| large) and near zero."""
+    x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    reference = FUSABLE["gelu_tanh"](x)
+    with ops.use_backend("numba"):
+        got = nn.gelu_tanh(x)
+        assert ops._fused_kernel("gelu_tanh") is not None  # the fused kernel, not the reference, ran
+    assert got.shape == reference.shape and got.dtype == np.float32
+    bound = 4e-7 * np.abs(reference) + 0.5 * np.abs(x) * 2.0**-22
+    assert np.all(np.abs(got - reference) <= bound), float(np.max(np.abs(got - reference) - bound))
+
+
+def test_numba_gelu_tanh_declines_what_it_does_not_take():
+    from minilm.kernels.numba import fused  # noqa: PLC0415
+
+    x = np.linspace(-3, 3, 24, dtype=np.float32).reshape(4, 6)
+    assert fused.gelu_tanh(x.astype(np.float64)) is NotImplemented
+    assert fused.gelu_tanh(x.T) is NotImplemented  # not C-contiguous
+    with ops.use_backend("numba"):
+        np.testing.assert_array_equal(nn.gelu_tanh(x.T), FUSABLE["gelu_tanh"](x.T))  # the reference ran
+
+
+# ---------------------------------------------------------------------------------------------
 # CuPy kernels against their references (GPU only)
 # ---------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
     attention.py  attention: the fused decode kernel (flash-decoding), BLAS + masked softmax
     moe.py        moe_dispatch: counting sort by expert, per-expert kernels or BLAS, ordered sums
     decode.py     decoders: Gemma 3's compiled decode step (`ops.compiled_decoder`), a few calls per layer
+    fused.py      one-pass GELU-tanh for the `@fusable` function (minilm/fusion.py)
 
 Each op has the signature of its NumPy reference in `minilm/ops.py` and returns what the reference
 returns, to the tolerances stated in `tests/test_kernels.py`.
@@ -17,6 +18,7 @@ from minilm import ops
 from . import (  # the modules stay attributes of the package (not shadowed by their ops)
     attention,
     decode,
+    fused,
     linear,
     moe,
     quantized,
@@ -32,5 +34,6 @@ ops.register_backend(
         "reads_quantized": quantized.reads_quantized,
         "linear_input_grad": linear.linear_input_grad,
         "decoders": {"gemma3_text": decode.gemma3_decoder},
+        "fused": fused.FUSED,
     },
 )

@@ -310,19 +310,14 @@ def gemv_plan(weight, bias=None):
     if isinstance(weight, QuantizedWeight):
         if not quantized.reads_quantized(weight):
             return None
-        codes, scales = quantized.repacked_codes(weight), quantized.block_scales(weight)
+        codes = quantized.repacked_codes(weight)
         if codes is not None:  # Q5_0: its int8 codes
-            return linear._gemv_int8_kernel, (codes, scales, b, has_bias)
+            return linear._gemv_int8_kernel, (codes, quantized.block_scales(weight), b, has_bias)
         if weight.type_name == "Q6_K":
             return linear._gemv_int8_kernel, (*_repacked(weight), b, has_bias)
         if weight.type_name == "Q4_K":
             return _gemv_affine_u8, (*_repacked(weight), b, has_bias)
-        kernel = quantized._GEMV[weight.type_name]
-        return (
-            (kernel, (weight.blocks, scales, b, has_bias))
-            if scales is not None
-            else (kernel, (weight.blocks, b, has_bias))
-        )
+        return quantized._GEMV[weight.type_name], (weight.blocks, *quantized._gemv_scales(weight), b, has_bias)
     if getattr(weight, "codes", None) is not None:  # an Int8BlockWeight (linear.py)
         return linear._gemv_int8_kernel, (weight.codes, weight.scales, b, has_bias)
     if isinstance(weight, np.ndarray) and weight.dtype == np.float32 and weight.ndim == 2:

@@ -470,7 +470,7 @@ class QuantizedWeight:
     ndim = 2
     # Forms a backend may derive once, at load (`ops.prepare_weight`), and read instead of decoding
     # the blocks on every call (the Numba kernels: kernels/numba/quantized.py):
-    block_scales = None  # (out_features, blocks per row) float32: each block's scale (Q8_0, Q5_0)
+    block_scales = None  # (out_features, blocks per row) float32: each block's scale (Q5_0)
     codes = None  # (out_features, in_features) int8 with values == block_scales * codes (Q5_0)
 
     def __init__(self, blocks: np.ndarray, type_name: str, shape: tuple[int, int]):
