@@ -219,3 +219,21 @@ def decoders_built(monkeypatch):
 
     monkeypatch.setattr(ops, "compiled_decoder", recording)
     return built
+
+
+@pytest.mark.parametrize("out_features", [1, 5, 8, 11])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_k_quants_unpacked_for_decode_give_the_reference_product(type_name, out_features):
+    """Q4_K's nibble pairs and Q6_K's byte codes (`_repacked`), read by the decoder's gemv, against
+    dequantize-then-matmul: two super-blocks per row, and row counts that leave 1-3 rows after the
+    last group of four (the kernels' tail loop)."""
+    from minilm.kernels.numba import decode  # noqa: PLC0415
+
+    weight = small_weight(type_name, out_features, 512, seed=out_features)
+    kernel, arguments = decode.gemv_plan(weight)
+    x = np.random.default_rng(out_features).standard_normal((1, 512)).astype(np.float32)
+    out = np.empty((1, out_features), np.float32)
+    kernel(x, *arguments, out)
+    reference = x.astype(np.float64) @ np.asarray(weight, np.float64).T
+    terms = np.abs(x.astype(np.float64)) @ np.abs(np.asarray(weight, np.float64)).T
+    assert np.all(np.abs(out - reference) <= 1e-5 * terms + 1e-30)

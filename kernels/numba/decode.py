@@ -187,9 +187,10 @@ def _soft_cap(logits, cap):
 # float32 operations for those scales, the values are the same bit for bit and the gemv reads them as
 # fast as the int8 codes of Q5_0 (linear.py `_gemv_int8_kernel`):
 #     Q6_K  w = scale[o, i // 16] * code[o, i]                    code = q - 32, int8
-#     Q4_K  w = scale[o, i // 32] * code[o, i] - offset[o, i // 32]  code = q, uint8 0..15
-# The memory costs more than the blocks (1.2x Q6_K, 2x Q4_K: 36 MB more for the 270M), built once per
-# weight, the first time a decoder reads it, and kept with the weight (`_repacked`).
+#     Q4_K  w = scale[o, i // 32] * q[o, i] - offset[o, i // 32]     q 0..15, two to a byte:
+#           byte 16 b + j of a row holds q[32 b + j] (low nibble) and q[32 b + 16 + j] (high)
+# The memory costs more than the blocks (1.2x Q6_K, 1.3x Q4_K: 18 MB more for the 270M), built once
+# per weight, the first time a decoder reads it, and kept with the weight (`_repacked`).
 
 
 @njit(cache=True)  # once per weight: one thread, quicker to compile
@@ -216,11 +217,12 @@ def _unpack_q6_k(blocks, codes, scales):
 
 @njit(cache=True)  # once per weight: one thread, quicker to compile
 def _unpack_q4_k(blocks, codes, scales, offsets):
-    """codes (out_features, in_features) uint8 = q; scales, offsets (out_features, in_features // 32)
-    float32 = d * sc, dmin * m (`_decode_block`'s Q4_K rule). blocks (out_features, row_bytes) uint8."""
+    """codes (out_features, in_features // 2) uint8, q two to a byte (above); scales, offsets
+    (out_features, in_features // 32) float32 = d * sc, dmin * m (`_decode_block`'s Q4_K rule).
+    blocks (out_features, row_bytes) uint8."""
     for o in range(blocks.shape[0]):
         b = blocks[o]
-        for blk in range(codes.shape[1] // 256):
+        for blk in range(blocks.shape[1] // 144):
             start = 144 * blk
             d, dmin, sc = quantized._f16(b, start), quantized._f16(b, start + 2), start + 4
             for s in range(8):
@@ -233,8 +235,9 @@ def _unpack_q4_k(blocks, codes, scales, offsets):
                 scales[o, 8 * blk + s] = d * np.float32(scale)
                 offsets[o, 8 * blk + s] = dmin * np.float32(low_min)
                 qs, shift = start + 16 + 32 * (s >> 1), 4 * (s & 1)
-                for j in range(32):
-                    codes[o, 256 * blk + 32 * s + j] = (np.int32(b[qs + j]) >> shift) & 15
+                for j in range(16):
+                    low, high = (np.int32(b[qs + j]) >> shift) & 15, (np.int32(b[qs + 16 + j]) >> shift) & 15
+                    codes[o, 128 * blk + 16 * s + j] = low | (high << 4)
 
 
 _REPACKED = weakref.WeakKeyDictionary()  # QuantizedWeight -> its unpacked arrays, as long as it lives
@@ -248,7 +251,7 @@ def _repacked(weight):
             arrays = (np.empty(weight.shape, np.int8), np.empty((out_features, in_features // 16), np.float32))
             _unpack_q6_k(weight.blocks, *arrays)
         else:
-            arrays = (np.empty(weight.shape, np.uint8),) + tuple(
+            arrays = (np.empty((out_features, in_features // 2), np.uint8),) + tuple(
                 np.empty((out_features, in_features // 32), np.float32) for _ in range(2)
             )
             _unpack_q4_k(weight.blocks, *arrays)
@@ -257,12 +260,13 @@ def _repacked(weight):
 
 
 @njit(parallel=True, cache=True, fastmath=_SUM_IN_ANY_ORDER)
-def _gemv_affine_u8(x, codes, scales, offsets, bias, has_bias, out):
-    """out[0, o] = sum_i x[0, i] * (scales[o, b] * codes[o, i] - offsets[o, b]) (+ bias[o]),
-    b = i // 32: the Q4_K values (see above), four rows at a time in 32 lanes, as `_gemv_int8_kernel`.
-    x (1, in_features), codes (out_features, in_features) uint8, scales / offsets
-    (out_features, in_features // 32) float32, out (1, out_features)."""
-    out_features, in_features = codes.shape
+def _gemv_affine_u4(x, codes, scales, offsets, bias, has_bias, out):
+    """out[0, o] = sum_i x[0, i] * (scales[o, b] * q[o, i] - offsets[o, b]) (+ bias[o]), b = i // 32:
+    the Q4_K values (see above), four rows at a time in 32 lanes, as `_gemv_int8_kernel`; lane j
+    takes the low nibbles, lane 16 + j the high ones. x (1, in_features), codes (out_features,
+    in_features // 2) uint8, scales / offsets (out_features, in_features // 32) float32,
+    out (1, out_features)."""
+    out_features, in_features = codes.shape[0], 2 * codes.shape[1]
     n_quads = out_features // 4
     n_chunks = min(max(n_quads, 1), 256)
     for chunk in prange(n_chunks):
@@ -273,13 +277,18 @@ def _gemv_affine_u8(x, codes, scales, offsets, bias, has_bias, out):
             for b in range(in_features // 32):
                 s0, s1, s2, s3 = scales[o0, b], scales[o0 + 1, b], scales[o0 + 2, b], scales[o0 + 3, b]
                 m0, m1, m2, m3 = offsets[o0, b], offsets[o0 + 1, b], offsets[o0 + 2, b], offsets[o0 + 3, b]
-                for j in range(32):
-                    i = 32 * b + j
-                    xi = x[0, i]
-                    acc[0, j] += (s0 * np.float32(codes[o0, i]) - m0) * xi
-                    acc[1, j] += (s1 * np.float32(codes[o0 + 1, i]) - m1) * xi
-                    acc[2, j] += (s2 * np.float32(codes[o0 + 2, i]) - m2) * xi
-                    acc[3, j] += (s3 * np.float32(codes[o0 + 3, i]) - m3) * xi
+                for j in range(16):
+                    x_low, x_high = x[0, 32 * b + j], x[0, 32 * b + 16 + j]
+                    c0, c1 = np.int32(codes[o0, 16 * b + j]), np.int32(codes[o0 + 1, 16 * b + j])
+                    c2, c3 = np.int32(codes[o0 + 2, 16 * b + j]), np.int32(codes[o0 + 3, 16 * b + j])
+                    acc[0, j] += (s0 * np.float32(c0 & 15) - m0) * x_low
+                    acc[1, j] += (s1 * np.float32(c1 & 15) - m1) * x_low
+                    acc[2, j] += (s2 * np.float32(c2 & 15) - m2) * x_low
+                    acc[3, j] += (s3 * np.float32(c3 & 15) - m3) * x_low
+                    acc[0, 16 + j] += (s0 * np.float32(c0 >> 4) - m0) * x_high
+                    acc[1, 16 + j] += (s1 * np.float32(c1 >> 4) - m1) * x_high
+                    acc[2, 16 + j] += (s2 * np.float32(c2 >> 4) - m2) * x_high
+                    acc[3, 16 + j] += (s3 * np.float32(c3 >> 4) - m3) * x_high
             for k in range(4):
                 y = np.float32(0.0)
                 for j in range(32):
@@ -288,7 +297,9 @@ def _gemv_affine_u8(x, codes, scales, offsets, bias, has_bias, out):
     for o in range(4 * n_quads, out_features):  # the last rows
         y = np.float32(0.0)
         for i in range(in_features):
-            y += (scales[o, i >> 5] * np.float32(codes[o, i]) - offsets[o, i >> 5]) * x[0, i]
+            c = np.int32(codes[o, 16 * (i >> 5) + (i & 15)])
+            q = (c >> 4) if (i & 31) >= 16 else (c & 15)
+            y += (scales[o, i >> 5] * np.float32(q) - offsets[o, i >> 5]) * x[0, i]
         out[0, o] = y + bias[o] if has_bias else y
 
 
@@ -316,7 +327,7 @@ def gemv_plan(weight, bias=None):
         if weight.type_name == "Q6_K":
             return linear._gemv_int8_kernel, (*_repacked(weight), b, has_bias)
         if weight.type_name == "Q4_K":
-            return _gemv_affine_u8, (*_repacked(weight), b, has_bias)
+            return _gemv_affine_u4, (*_repacked(weight), b, has_bias)
         return quantized._GEMV[weight.type_name], (weight.blocks, *quantized._gemv_scales(weight), b, has_bias)
     if getattr(weight, "codes", None) is not None:  # an Int8BlockWeight (linear.py)
         return linear._gemv_int8_kernel, (weight.codes, weight.scales, b, has_bias)
