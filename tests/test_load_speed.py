@@ -329,3 +329,27 @@ def test_the_numpy_reference_holds_each_weight_about_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     peak_mb = int(done.stdout.split()[-1])
     assert peak_mb < 1300, f"the NumPy path peaked at {peak_mb} MB"
+
+
+def test_a_cache_file_is_written_whole_or_not_at_all(tmp_path):
+    """`write_cache_file`, which the tokenizer and the prepared-array caches share: the file appears
+    only once written (a write that fails midway leaves neither it nor its temp file), and a cache
+    that cannot be written warns instead of failing the load."""
+    from minilm.io.default_model import write_cache_file
+
+    target = tmp_path / "cache" / "a.json"
+    write_cache_file(target, lambda file: file.write("{}"), "a test file", mode="w")
+    assert target.read_text() == "{}" and oct(target.stat().st_mode & 0o777) == "0o644"
+
+    def fails_midway(file):
+        file.write("{partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_cache_file(tmp_path / "cache" / "b.json", fails_midway, "a test file", mode="w")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["a.json"]
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="could not cache a test file"):
+        write_cache_file(blocker / "c.json", lambda file: file.write("{}"), "a test file", mode="w")

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import os
 import pathlib
-import tempfile
-import warnings
 
 import numpy as np
 
-from .default_model import minilm_cache_dir, sweep_stale_temp_files
+from .default_model import minilm_cache_dir, write_cache_file
 
 
 def source_of(array: np.ndarray) -> tuple[pathlib.Path, int] | None:
@@ -66,7 +63,8 @@ def cached_array(source_array, recipe: str, shape: tuple[int, ...], dtype, compu
     if cached is not None:
         return cached
     array = compute()
-    _write_atomically(path, array)
+    save = lambda file: np.save(file, np.ascontiguousarray(array), allow_pickle=False)  # noqa: E731
+    write_cache_file(path, save, "a prepared weight")
     return array
 
 
@@ -78,23 +76,3 @@ def _read(path: pathlib.Path, shape, dtype) -> np.ndarray | None:
     if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
         return None
     return array
-
-
-def _write_atomically(path: pathlib.Path, array: np.ndarray) -> None:
-    """temp file in the same dir -> fsync -> os.replace; warn, do not fail, on OSError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temp_files(path)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.save(file, np.ascontiguousarray(array), allow_pickle=False)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temp_name, 0o644)  # mkstemp makes it private (0600)
-            os.replace(temp_name, path)
-        except BaseException:
-            pathlib.Path(temp_name).unlink(missing_ok=True)
-            raise
-    except OSError as error:
-        warnings.warn(f"could not cache a prepared weight at {path}: {error}", stacklevel=3)

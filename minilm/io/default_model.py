@@ -24,6 +24,7 @@ import os
 import pathlib
 import tempfile
 import time
+import warnings
 
 from tqdm import tqdm
 
@@ -78,6 +79,29 @@ def sweep_stale_temp_files(target: pathlib.Path) -> None:
                 temp.unlink()
         except OSError:  # another process swept it first, or it is not ours to remove
             pass
+
+
+def write_cache_file(path: pathlib.Path, write, what: str, mode: str = "wb") -> None:
+    """Write one file of minilm's cache atomically: `write(file)` fills a temp file in the same
+    folder, which is fsynced and renamed over `path`, so a reader sees the old file or the whole
+    new one, never a part. An OSError (read-only or full disk) warns and leaves the cache as it
+    was: the caller has what it computed and the next run tries again. `what` names the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temp_files(path)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temp_name, 0o644)  # mkstemp makes it private (0600)
+            os.replace(temp_name, path)
+        except BaseException:
+            pathlib.Path(temp_name).unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        warnings.warn(f"could not cache {what} at {path}: {error}", stacklevel=3)
 
 
 def _import_package():

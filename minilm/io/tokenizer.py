@@ -40,15 +40,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
-import warnings
 from datetime import datetime
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError, UnknownArchitectureError
-from .default_model import minilm_cache_dir, sweep_stale_temp_files
+from .default_model import minilm_cache_dir, write_cache_file
 from .gguf import GGUFFile, read_gguf
 from .registry import GEMMA_TOKENIZER_ARCHITECTURES
 
@@ -409,29 +407,14 @@ def _read_cache(path: pathlib.Path) -> tuple[GemmaVocabulary, dict] | None:
 
 
 def _write_cache(path: pathlib.Path, vocabulary: GemmaVocabulary, settings: dict, source: pathlib.Path) -> None:
-    """Write atomically (temp file in the same dir, fsync, os.replace); warn, do not fail, on OSError."""
+    """Write atomically (`write_cache_file`); warn, do not fail, on OSError."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
         "source": str(source),
         "settings": settings,
         "vocabulary": vocabulary.to_dict(),
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temp_files(path)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(payload, file, ensure_ascii=False)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temp_name, 0o644)  # mkstemp makes it private (0600)
-            os.replace(temp_name, path)
-        except BaseException:
-            pathlib.Path(temp_name).unlink(missing_ok=True)
-            raise
-    except OSError as error:
-        warnings.warn(f"could not cache the tokenizer at {path}: {error}", stacklevel=3)
+    write_cache_file(path, lambda file: json.dump(payload, file, ensure_ascii=False), "the tokenizer", mode="w")
 
 
 # --------------------------------------------------------------------------------------------
