@@ -226,12 +226,7 @@ def _unpack_q4_k(blocks, codes, scales, offsets):
             start = 144 * blk
             d, dmin, sc = quantized._f16(b, start), quantized._f16(b, start + 2), start + 4
             for s in range(8):
-                if s < 4:
-                    scale = np.int32(b[sc + s]) & 63
-                    low_min = np.int32(b[sc + s + 4]) & 63
-                else:
-                    scale = (np.int32(b[sc + s + 4]) & 15) | ((np.int32(b[sc + s - 4]) >> 6) << 4)
-                    low_min = (np.int32(b[sc + s + 4]) >> 4) | ((np.int32(b[sc + s]) >> 6) << 4)
+                scale, low_min = quantized._q4_k_scale_min(b, sc, s)
                 scales[o, 8 * blk + s] = d * np.float32(scale)
                 offsets[o, 8 * blk + s] = dmin * np.float32(low_min)
                 qs, shift = start + 16 + 32 * (s >> 1), 4 * (s & 1)

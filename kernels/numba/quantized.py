@@ -65,6 +65,18 @@ def _f16(b, i):
 
 
 @njit(inline="always")
+def _q4_k_scale_min(b, sc, s):
+    """Sub-block s's 6-bit scale and min of a Q4_K block whose 12 packed bytes start at b[sc]:
+    sub-blocks 0-3 in the low 6 bits of bytes 0-3 / 4-7; 4-7 split into a nibble of bytes 8-11 and
+    the top 2 bits of bytes 0-3 / 4-7 (quants.py draws the layout)."""
+    if s < 4:
+        return np.int32(b[sc + s]) & 63, np.int32(b[sc + s + 4]) & 63
+    scale = (np.int32(b[sc + s + 4]) & 15) | ((np.int32(b[sc + s - 4]) >> 6) << 4)
+    low_min = (np.int32(b[sc + s + 4]) >> 4) | ((np.int32(b[sc + s]) >> 6) << 4)
+    return scale, low_min
+
+
+@njit(inline="always")
 def _decode_block(kind, b, start, w):
     """The values of the block at bytes b[start:] (one row's bytes, uint8) into w[:values_per_block],
     with the reference's float32 operations (quants.py `dequantize_<type>`)."""
@@ -88,12 +100,7 @@ def _decode_block(kind, b, start, w):
         dmin = _f16(b, start + 2)
         sc = start + 4
         for s in range(8):
-            if s < 4:
-                scale = np.int32(b[sc + s]) & 63
-                low_min = np.int32(b[sc + s + 4]) & 63
-            else:
-                scale = (np.int32(b[sc + s + 4]) & 15) | ((np.int32(b[sc + s - 4]) >> 6) << 4)
-                low_min = (np.int32(b[sc + s + 4]) >> 4) | ((np.int32(b[sc + s]) >> 6) << 4)
+            scale, low_min = _q4_k_scale_min(b, sc, s)
             sub_scale = d * np.float32(scale)
             offset = dmin * np.float32(low_min)
             qs = start + 16 + 32 * (s >> 1)  # the chunk of sub-block s
@@ -163,12 +170,7 @@ def _row_dot_q4_k(x, row, acc):
         start = 144 * blk
         d, dmin, sc = _f16(row, start), _f16(row, start + 2), start + 4
         for s in range(8):
-            if s < 4:
-                scale = np.int32(row[sc + s]) & 63
-                low_min = np.int32(row[sc + s + 4]) & 63
-            else:
-                scale = (np.int32(row[sc + s + 4]) & 15) | ((np.int32(row[sc + s - 4]) >> 6) << 4)
-                low_min = (np.int32(row[sc + s + 4]) >> 4) | ((np.int32(row[sc + s]) >> 6) << 4)
+            scale, low_min = _q4_k_scale_min(row, sc, s)
             sub_scale, offset = d * np.float32(scale), dmin * np.float32(low_min)
             qs, shift, base = start + 16 + 32 * (s >> 1), 4 * (s & 1), 256 * blk + 32 * s
             for r in range(x.shape[0]):
