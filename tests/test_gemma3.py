@@ -576,3 +576,25 @@ def test_real_model_greedy_continuations_equal_transformers(real_model, real_ref
     new = ids[0, prompt.shape[1] :].tolist()
     assert new == case["new_ids"], (real_model.tokenizer.decode(new), case["new_text"])
     assert real_model.tokenizer.decode(new) == case["new_text"]
+
+
+ROPE_SCALINGS = [None, {"rope_type": "linear", "factor": 8.0}, {"rope_type": "dynamic", "factor": 2.0}]
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_a_decode_rope_table_row_is_what_the_forward_computes_at_that_position(scaling):
+    """`layer_type_rope_table`, which the compiled decode steps read: row p equals the cos/sin of a
+    forward whose last position is p (dynamic NTK rescales with p + 1 past max_position_embeddings,
+    so each of its rows is computed at its own length; the others in one call)."""
+    cfg = gemma3.Gemma3TextConfig(
+        hidden_size=32, head_dim=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+        intermediate_size=16, vocab_size=50, max_position_embeddings=8, rope_scaling=scaling,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    for kind in ("sliding_attention", "full_attention"):
+        cos, sin = gemma3.layer_type_rope_table(cfg, kind, 20)
+        assert cos.shape == sin.shape == (20, 16) and cos.dtype == np.float32
+        for p in range(20):
+            ref_cos, ref_sin = gemma3.rope_cos_sin(np.array([[p]]), *gemma3.layer_type_rope(cfg, kind, p + 1))
+            np.testing.assert_array_equal(cos[p], ref_cos[0, 0])
+            np.testing.assert_array_equal(sin[p], ref_sin[0, 0])

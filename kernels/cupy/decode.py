@@ -12,8 +12,8 @@ launches run one by one.
                 -> add_norm_norm -> gemv(gate|up) -> geglu -> gemv(down) -> add_norm_norm (next)
 
 The math is `minilm/models/gemma3.py`'s (the reference it is tested against, tests/test_decoders.py):
-Gemma's (1 + w) RMSNorm, QK-norm then RoPE (cos/sin rows computed on the host by `rope_cos_sin`
-for every position up to the capacity), scale query_pre_attn_scalar ** -0.5, the attention soft
+Gemma's (1 + w) RMSNorm, QK-norm then RoPE (the cos/sin rows of `layer_type_rope_table`, built
+once on the host for every position up to the capacity), scale query_pre_attn_scalar ** -0.5, the attention soft
 cap, the sliding window (a ring of W slots: the query at p sees positions p - W + 1 .. p), the
 sandwich norms, GELU-tanh gating, the final norm and the tied LM head with its soft cap. All in
 float32; sums run in another order than NumPy's, so the logits agree to ~1e-6 relative.
@@ -27,8 +27,7 @@ import numpy as np
 
 from minilm.cache import SlidingWindowCache
 from minilm.errors import InputError
-from minilm.models.gemma3 import layer_type_rope
-from minilm.rope import rope_cos_sin
+from minilm.models.gemma3 import layer_type_rope_table
 
 from .common import cp
 
@@ -259,14 +258,10 @@ def gemma3_decoder(model, cache, attention_mask, capacity):
         arrays += [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
     if not all(isinstance(w, cp.ndarray) and w.dtype == cp.float32 for w in arrays):
         return None  # a LoraWeight, a host array, another dtype: the readable forward runs
-    tables = {}
+    tables = {}  # layer type -> cos, sin (capacity, rope_dim) on the GPU: the kernel reads row p
     for kind in sorted(set(cfg.layer_types)):
-        inv_freq, scaling = layer_type_rope(cfg, kind, capacity)
-        first, _ = layer_type_rope(cfg, kind, 1)
-        if not np.array_equal(first, inv_freq):
-            return None  # a rope that changes with the length (dynamic): recomputed per call by the forward
-        cos, sin = rope_cos_sin(np.arange(capacity)[None], inv_freq, scaling)  # (1, capacity, rope_dim)
-        tables[kind] = (cp.asarray(cos[0]), cp.asarray(sin[0]))
+        cos, sin = layer_type_rope_table(cfg, kind, capacity)
+        tables[kind] = (cp.asarray(cos), cp.asarray(sin))
     return Gemma3Decoder(model, cache, capacity, tables)
 
 

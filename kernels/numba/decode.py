@@ -41,8 +41,7 @@ from numba import njit, prange
 
 from minilm.errors import InputError
 from minilm.io.quants import QuantizedWeight
-from minilm.models.gemma3 import layer_type_rope, scaled_embedding
-from minilm.rope import rope_cos_sin
+from minilm.models.gemma3 import layer_type_rope_table, scaled_embedding
 
 from . import linear, quantized
 from .compile import _SUM_IN_ANY_ORDER
@@ -462,7 +461,8 @@ class Gemma3Decoder:
         self.cap, self.has_cap = np.float32(cap if cap is not None else 1.0), cap is not None
         final = cfg.final_logit_softcapping
         self.final_cap = None if final is None else np.float32(final)
-        self.kinds = sorted(set(cfg.layer_types))
+        # layer type -> cos, sin (capacity, rope_dim): built once, a row per token
+        self.rope = {kind: layer_type_rope_table(cfg, kind, capacity) for kind in sorted(set(cfg.layer_types))}
         self.vocab_rows = head[1][0].shape[0]  # the LM head's out_features
 
     def step(self, tokens, position):
@@ -476,11 +476,6 @@ class Gemma3Decoder:
             raise InputError(f"this decoder holds {self.capacity} positions; position {position} does not fit")
         cfg, eps, x, xn, y = self.cfg, self.eps, self.x, self.xn, self.y
         x[0] = scaled_embedding(tokens[:, None], self.table)[0, 0]  # (hidden_size,): the reference's rounding
-        rope = {}  # layer type -> (cos, sin) (rope_dim,) for this position, as the forward computes them
-        ids = np.array([[position]])
-        for kind in self.kinds:
-            cos, sin = rope_cos_sin(ids, *layer_type_rope(cfg, kind, position + 1))
-            rope[kind] = (np.ascontiguousarray(cos[0, 0]), np.ascontiguousarray(sin[0, 0]))
         _norm(x[0], self.layers[0].input_norm, eps, xn[0])
         has_post_attention, has_post_ffw = cfg.use_post_attention_norm, cfg.use_post_ffw_norm
         threads = numba.get_num_threads()
@@ -490,7 +485,8 @@ class Gemma3Decoder:
             L.q[0](xn, *L.q[1], self.q)
             L.k[0](xn, *L.k[1], self.k)
             L.v[0](xn, *L.v[1], self.v)
-            cos, sin = rope[L.kind]
+            cos, sin = self.rope[L.kind]
+            cos, sin = cos[position], sin[position]  # (rope_dim,) this position's row
             _attend(self.q[0], self.k[0], self.v[0], L.q_norm, L.k_norm, cfg.use_query_key_norm, eps, cos, sin,
                     L.keys, L.values, position, L.window, self.scale, self.cap, self.has_cap, self.scores,
                     self.attn[0])  # fmt: skip

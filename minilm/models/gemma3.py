@@ -238,6 +238,19 @@ def layer_type_rope(cfg, layer_type, seq_len):
     return compute_inv_freq(cfg, seq_len, base=cfg.rope_theta, scaling=cfg.rope_scaling)
 
 
+def layer_type_rope_table(cfg, layer_type, end):
+    """cos, sin (end, rope_dim) float32 of one layer type: row p is what `gemma3_model` computes for a
+    token at position p fed last (seq_len = p + 1, which a dynamic rope type scales by). Compiled
+    decode steps (kernels/*/decode.py) build it once and read a row per token."""
+    inv_freq, scaling = layer_type_rope(cfg, layer_type, end)
+    shortest = layer_type_rope(cfg, layer_type, 1)
+    if np.array_equal(shortest[0], inv_freq) and shortest[1] == scaling:  # the length plays no part: one call
+        cos, sin = rope_cos_sin(np.arange(end)[None], inv_freq, scaling)  # (1, end, rope_dim) each
+        return cos[0], sin[0]
+    rows = [rope_cos_sin(np.array([[p]]), *layer_type_rope(cfg, layer_type, p + 1)) for p in range(end)]
+    return np.concatenate([cos[0] for cos, _ in rows]), np.concatenate([sin[0] for _, sin in rows])
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention: GQA with QK-norm before RoPE, scale query_pre_attn_scalar ** -0.5
 # ---------------------------------------------------------------------------------------------
